@@ -1,0 +1,93 @@
+"""The window / maximum / scale bookkeeping of ZENITH, on the device, in one program.
+
+Implements steps 1-3 of ``zenith_fused/reference.py`` (``update_history``):
+``n_t = sqrt(sum(sq_norm_partials))``; if finite, ``t += 1``, ``window[(t-1) % W] = n_t``,
+``m_t = sum(window) / min(t, W)``, ``M_t = max(M_{t-1}, m_t)``, ``scale_t = m_t / M_t``
+(1 when ``M_t == 0``); else only ``skipped_steps += 1``. ``step_applied`` records which.
+The partials are summed in a fixed order (deterministic); square root and divisions are the
+correctly rounded ones, so the result does not depend on the GPU's fast-math defaults.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _update_history_kernel(
+    sq_norm_partials,
+    num_partials,
+    step_ptr,
+    norm_window,
+    window_size,
+    window_max_ptr,
+    skipped_steps_ptr,
+    grad_norm_ptr,
+    lr_scale_ptr,
+    step_applied_ptr,
+    BLOCK: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in range(0, num_partials, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        acc += tl.load(sq_norm_partials + index, mask=index < num_partials, other=0.0)
+    grad_norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    finite = grad_norm < float("inf")  # false for inf and nan
+
+    step = tl.load(step_ptr)
+    slot = step % window_size
+    new_step = step + tl.where(finite, 1, 0)
+    # Scalar conditions become integers before they meet vectors (masks, index matches): that is
+    # also what keeps Triton's CPU interpreter, which mistypes broadcast comparisons, exact.
+    written_slot = tl.where(finite, slot, -1)
+
+    # The window sum uses the new norm from registers rather than re-reading the slot after the
+    # store, so no barrier between threads is needed.
+    window_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in range(0, window_size, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        w = tl.load(norm_window + index, mask=index < window_size, other=0.0)
+        window_acc += tl.where(index == written_slot, grad_norm, w)
+    count = tl.minimum(tl.maximum(new_step, 1), window_size).to(tl.float32)
+    mean = tl.div_rn(tl.sum(window_acc, axis=0), count)
+    window_max = tl.load(window_max_ptr)
+    new_max = tl.maximum(window_max, mean)
+    has_max = new_max > 0
+    scale = tl.where(has_max, tl.div_rn(mean, tl.where(has_max, new_max, 1.0)), 1.0)
+
+    tl.store(norm_window + slot, grad_norm, mask=finite)
+    tl.store(grad_norm_ptr, grad_norm)
+    tl.store(step_ptr, new_step)
+    tl.store(window_max_ptr, tl.where(finite, new_max, window_max))
+    tl.store(lr_scale_ptr, tl.where(finite, scale, tl.load(lr_scale_ptr)))
+    tl.store(skipped_steps_ptr, tl.load(skipped_steps_ptr) + tl.where(finite, 0, 1))
+    tl.store(step_applied_ptr, tl.where(finite, 1, 0).to(tl.int32))
+
+
+def update_history(
+    sq_norm_partials: Tensor,
+    *,
+    step: Tensor,
+    norm_window: Tensor,
+    window_max: Tensor,
+    skipped_steps: Tensor,
+    grad_norm: Tensor,
+    lr_scale: Tensor,
+    step_applied: Tensor,
+    block_size: int = 1024,
+) -> None:
+    """Fold the norm whose squared partials are ``sq_norm_partials`` into the history, in place."""
+    _update_history_kernel[(1,)](
+        sq_norm_partials,
+        sq_norm_partials.numel(),
+        step,
+        norm_window,
+        norm_window.numel(),
+        window_max,
+        skipped_steps,
+        grad_norm,
+        lr_scale,
+        step_applied,
+        BLOCK=block_size,
+    )

@@ -1,0 +1,156 @@
+"""The ZENITH algorithm in readable PyTorch: the ground truth every backend is tested against.
+
+One history per optimizer, shared by all parameter groups. At every ``step()``:
+
+1. ``n_t = ||g||_2`` over the concatenation of every raw gradient (before weight decay and before
+   ``maximize`` flips the sign), accumulated in float32.
+2. If ``n_t`` is not finite the step is skipped: no parameter, momentum buffer, step count, window
+   or maximum changes, and ``skipped_steps`` grows by one.
+3. Otherwise ``t += 1``; ``n_t`` goes into a ring buffer of the last ``W`` norms;
+   ``m_t`` = mean of the last ``min(t, W)`` norms; ``M_t = max(M_{t-1}, m_t)`` with ``M_0 = 0``;
+   ``scale_t = m_t / M_t`` (1 when ``M_t == 0``).
+4. Per group, torch.optim.SGD's momentum update with learning rate ``lr * scale_t``::
+
+       d   = (-g if maximize else g) + weight_decay * p
+       buf = d                                     on the buffer's first step
+       buf = momentum * buf + (1 - dampening) * d  afterwards
+       d   = d + momentum * buf if nesterov else buf     (only when momentum != 0)
+       p  -= lr * scale_t * d
+
+Every function here stays on the device: the skip is a ``torch.where`` on a 0-dim flag, never a
+host branch, so the reference is also a usable (if slow) sync-free fallback.
+
+State layout shared by every backend (see :class:`ZenithHistory`):
+
+* history: ``step`` (int64), ``norm_window`` (float32, ``W``), ``window_max`` (float32),
+  ``skipped_steps`` (int64), ``grad_norm`` (float32), ``lr_scale`` (float32), and the transient
+  ``step_applied`` (int32, 1 when the last step was finite).
+* per parameter, when momentum != 0: ``momentum_buffer`` (parameter dtype) and
+  ``momentum_step`` (int64 0-dim): 0 while the buffer has never been filled, else the history step
+  ``t`` at which it was first filled (-1 when it was filled before the current history started,
+  e.g. loaded from ``torch.optim.SGD``). It gives the "first step" of the buffer without a host read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ZenithHistory",
+    "GroupHyperparams",
+    "squared_norm_partials",
+    "update_history",
+    "momentum_update",
+]
+
+
+@dataclass
+class ZenithHistory:
+    """The optimizer-wide state. All tensors live on one device (the first parameter's)."""
+
+    step: Tensor  # int64 0-dim: t, the number of finite steps taken
+    norm_window: Tensor  # float32 [W]: ring buffer of the last W finite norms, slot (t-1) % W
+    window_max: Tensor  # float32 0-dim: M_t
+    skipped_steps: Tensor  # int64 0-dim
+    grad_norm: Tensor  # float32 0-dim: n_t of the last step (inf/nan when it was skipped)
+    lr_scale: Tensor  # float32 0-dim: scale_t of the last finite step, 1 before any
+    step_applied: Tensor  # int32 0-dim: 1 if the last step was finite, else 0
+
+    @classmethod
+    def zeros(cls, window_size: int, device: torch.device) -> "ZenithHistory":
+        return cls(
+            step=torch.zeros((), dtype=torch.int64, device=device),
+            norm_window=torch.zeros(window_size, dtype=torch.float32, device=device),
+            window_max=torch.zeros((), dtype=torch.float32, device=device),
+            skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
+            grad_norm=torch.zeros((), dtype=torch.float32, device=device),
+            lr_scale=torch.ones((), dtype=torch.float32, device=device),
+            step_applied=torch.zeros((), dtype=torch.int32, device=device),
+        )
+
+    @property
+    def window_size(self) -> int:
+        return self.norm_window.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm_window.device
+
+
+@dataclass(frozen=True)
+class GroupHyperparams:
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+def squared_norm_partials(grads: Sequence[Tensor]) -> Tensor:
+    """Per-gradient squared L2 norms in float32, as a 1-D tensor; their sum is ``n_t ** 2``."""
+    if len(grads) == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    return norms * norms
+
+
+def update_history(history: ZenithHistory, sq_norm_partials: Tensor) -> None:
+    """Step 1-3 of the algorithm: fold this step's norm into the history, in place."""
+    grad_norm = sq_norm_partials.to(torch.float32).sum().sqrt()
+    finite = torch.isfinite(grad_norm)
+    window_size = history.window_size
+
+    slot = history.step % window_size
+    new_step = history.step + finite.to(torch.int64)
+    history.norm_window.index_put_(
+        (slot.reshape(1),), torch.where(finite, grad_norm, history.norm_window[slot]).reshape(1)
+    )
+    # Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(t, W).
+    count = new_step.clamp(min=1, max=window_size).to(torch.float32)
+    mean = history.norm_window.sum() / count
+    new_max = torch.maximum(history.window_max, mean)
+    scale = torch.where(new_max > 0, mean / new_max, torch.ones_like(mean))
+
+    history.grad_norm.copy_(grad_norm)
+    history.step.copy_(new_step)
+    history.window_max.copy_(torch.where(finite, new_max, history.window_max))
+    history.lr_scale.copy_(torch.where(finite, scale, history.lr_scale))
+    history.skipped_steps.add_((~finite).to(torch.int64))
+    history.step_applied.copy_(finite.to(torch.int32))
+
+
+def momentum_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    momentum_steps: Sequence[Tensor | None],
+    hyperparams: Sequence[GroupHyperparams],
+    *,
+    lr_scale: Tensor,
+    step: Tensor,
+    step_applied: Tensor,
+) -> None:
+    """Step 4: torch.optim.SGD's update at ``lr * lr_scale``, a no-op unless ``step_applied``.
+
+    ``hyperparams[i]`` belongs to ``params[i]``; ``step`` is ``t`` after this step's increment.
+    Arithmetic is float32 and each tensor is rounded to its own dtype once, at the store.
+    """
+    applied = step_applied.to(torch.bool)
+    for p, g, buf, buf_step, hp in zip(params, grads, momentum_buffers, momentum_steps, hyperparams):
+        d = g.to(torch.float32)
+        if hp.maximize:
+            d = -d
+        if hp.weight_decay != 0:
+            d = d + hp.weight_decay * p.to(torch.float32)
+        if hp.momentum != 0:
+            first = (buf_step == 0) | (buf_step == step)
+            new_buf = torch.where(first, d, hp.momentum * buf.to(torch.float32) + (1 - hp.dampening) * d)
+            buf.copy_(torch.where(applied, new_buf, buf.to(torch.float32)))
+            buf_step.copy_(torch.where(applied & (buf_step == 0), step, buf_step))
+            d = d + hp.momentum * new_buf if hp.nesterov else new_buf
+        new_p = p.to(torch.float32) - (hp.lr * lr_scale) * d
+        p.copy_(torch.where(applied, new_p, p.to(torch.float32)))
