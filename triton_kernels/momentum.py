@@ -83,7 +83,8 @@ def _momentum_update_kernel(
         first = (buffer_step == 0) | (buffer_step == step)
         tl.store(buffer_step_ptr, step, mask=has_buffer & applied & (buffer_step == 0) & (start == 0))
 
-    for offset in range(0, CHUNK, BLOCK):
+    # A small tensor's chunk ends early: no fully masked iterations.
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         index = start + offset + tl.arange(0, BLOCK)
         mask = index < limit
         g = tl.load(grad + index, mask=mask, other=0.0).to(tl.float32)

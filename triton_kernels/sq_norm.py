@@ -32,7 +32,8 @@ def _sq_norm_partials_kernel(
     grad = tl.load(tensors + tensor * TENSOR_COLUMNS + GRAD).to(tl.pointer_type(DTYPE))
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for offset in range(0, CHUNK, BLOCK):
+    # A small tensor's chunk ends early: no fully masked iterations.
+    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         index = start + offset + tl.arange(0, BLOCK)
         g = tl.load(grad + index, mask=index < numel, other=0.0).to(tl.float32)
         acc += g * g

@@ -6,7 +6,7 @@ the device, and reused while the tensors stay where they are:
 * ``tensors`` ``[N, 6]``: per tensor, the addresses of the parameter, gradient, momentum buffer
   and momentum step counter, its element count, and the slot of its hyper-parameters.
 * ``chunks`` ``[C, 2]``: per program, the tensor it works on and the first element of its chunk.
-  Each tensor is cut into ``ceil(numel / chunk_size)`` chunks; empty tensors get none.
+  Each tensor is cut into ``max(1, ceil(numel / chunk_size))`` chunks.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def build_tensor_table(
                 slot,
             )
         )
-        chunk_rows.extend((index, start) for start in range(0, numel, chunk_size))
+        # An empty tensor still gets one (fully masked) chunk, so its momentum step is recorded.
+        chunk_rows.extend((index, start) for start in range(0, max(numel, 1), chunk_size))
     host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, TENSOR_COLUMNS.value)
     host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2)
     return TensorTable(

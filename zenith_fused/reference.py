@@ -104,11 +104,10 @@ def update_history(history: ZenithHistory, sq_norm_partials: Tensor) -> None:
     finite = torch.isfinite(grad_norm)
     window_size = history.window_size
 
-    slot = history.step % window_size
+    slot = (history.step % window_size).reshape(1)  # a tensor index: no host read
     new_step = history.step + finite.to(torch.int64)
-    history.norm_window.index_put_(
-        (slot.reshape(1),), torch.where(finite, grad_norm, history.norm_window[slot]).reshape(1)
-    )
+    old_norm = history.norm_window.gather(0, slot)
+    history.norm_window.scatter_(0, slot, torch.where(finite, grad_norm, old_norm))
     # Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(t, W).
     count = new_step.clamp(min=1, max=window_size).to(torch.float32)
     mean = history.norm_window.sum() / count

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+# Triton compiles for a GPU when there is one; elsewhere its interpreter runs the same kernels on
+# CPU tensors. It reads the variable when kernels are decorated, so set it before any import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Shrink the fused kernels' chunks so small test tensors span several chunks and blocks."""
+    from zenith_fused._engines import TritonEngine
+
+    monkeypatch.setattr(TritonEngine, "chunk_size", 256)
+    monkeypatch.setattr(TritonEngine, "block_size", 64)

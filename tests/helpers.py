@@ -1,0 +1,153 @@
+"""Shared test harness: build twin optimizers, feed identical random gradients, compare state."""
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+
+from zenith_fused import ZenithFused
+from zenith_fused._engines import resolve_backend
+
+# (atol, rtol) for parameters and momentum buffers of a fused backend against the reference.
+#  float32: identical float32 formulas; only FMA contraction and the order of the norm's sums differ
+#    (~1e-7 relative per step), which stays far below 1e-5 over a few hundred steps.
+#  float16 / bfloat16: each store rounds to the storage type once; a last-bit difference in the
+#    float32 value can flip that rounding, so one storage ulp (eps) is allowed per step, and the
+#    tests that use these resynchronise the twins after every step so flips cannot accumulate.
+#    Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to nearest, which
+#    is also at most one ulp.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2**-10),
+    torch.bfloat16: (1.6e-2, 2**-7),
+}
+# The history is float32 whatever the parameter dtype.
+HISTORY_TOL = dict(atol=1e-6, rtol=2e-6)
+
+FUSED_BACKENDS = ("triton", "cpu", "cuda")
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_unavailable(backend: str, device: str) -> str | None:
+    try:
+        resolve_backend(backend, torch.device(device))
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def fused_cases() -> list:
+    """(backend, device) pairs for every fused backend, skipped with the reason when it can't run."""
+    cases = []
+    for device in devices():
+        for backend in FUSED_BACKENDS:
+            if backend in ("cpu", "cuda") and backend != device:
+                continue
+            reason = backend_unavailable(backend, device)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return cases
+
+
+def make_params(shapes, dtype, device, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+
+
+def twin_optimizers(shapes, groups, *, dtype, device, backend, window_size, seed=0, **defaults):
+    """The same parameters and groups in a ``backend`` optimizer and in a reference one.
+
+    ``groups`` is a list of dicts with ``"index"`` (which shapes belong to the group) and any
+    hyper-parameters of that group.
+    """
+    initial = make_params(shapes, dtype, device, seed)
+    twins = []
+    for name in (backend, "reference"):
+        params = [p.clone().requires_grad_() for p in initial]
+        param_groups = [
+            {**{k: v for k, v in g.items() if k != "index"}, "params": [params[i] for i in g["index"]]}
+            for g in groups
+        ]
+        opt = ZenithFused(param_groups, backend=name, window_size=window_size, **defaults)
+        twins.append((opt, params))
+    return twins
+
+
+def random_grads(shapes, dtype, device, gen, step: int) -> list[torch.Tensor]:
+    # The norm varies with the step so that the window, the maximum and the scale all move.
+    level = 1.0 + 0.9 * torch.sin(torch.tensor(step * 0.37)).item()
+    return [(level * torch.randn(s, generator=gen)).to(device=device, dtype=dtype) for s in shapes]
+
+
+def set_grads(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def assert_history_equal(opt, ref) -> None:
+    a, b = opt.history, ref.history
+    assert a.step.item() == b.step.item()
+    assert a.skipped_steps.item() == b.skipped_steps.item()
+    for name in ("grad_norm", "lr_scale", "window_max", "norm_window"):
+        torch.testing.assert_close(getattr(a, name).cpu(), getattr(b, name).cpu(), **HISTORY_TOL, msg=name)
+
+
+def assert_params_close(params, ref_params, opt, ref, dtype) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p.detach().float().cpu(), q.detach().float().cpu(), atol=atol, rtol=rtol,
+                                   msg=lambda m, i=i: f"param {i} {tuple(p.shape)}: {m}")
+        sa, sb = opt.state.get(p, {}), ref.state.get(q, {})
+        assert sa.keys() == sb.keys(), f"param {i}: state keys {sa.keys()} != {sb.keys()}"
+        if "momentum_buffer" in sa:
+            torch.testing.assert_close(sa["momentum_buffer"].float().cpu(), sb["momentum_buffer"].float().cpu(),
+                                       atol=atol, rtol=rtol, msg=lambda m, i=i: f"buffer {i}: {m}")
+            assert sa["momentum_step"].item() == sb["momentum_step"].item()
+
+
+def copy_params_and_buffers(src_params, src_opt, dst_params, dst_opt) -> None:
+    """Make the twin equal to the reference again, in place (the fused tables stay valid)."""
+    with torch.no_grad():
+        for p, q in zip(src_params, dst_params):
+            q.copy_(p)
+            if "momentum_buffer" in src_opt.state.get(p, {}):
+                dst_opt.state[q]["momentum_buffer"].copy_(src_opt.state[p]["momentum_buffer"])
+
+
+def roundtrip(state_dict):
+    """Save and load as a user would, ending on the CPU."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu")
+
+
+def snapshot(opt, params) -> dict:
+    """Every piece of state, cloned, for bit-exact comparisons.
+
+    A momentum buffer created but never filled (zeros, ``momentum_step == 0``) is the same state
+    as no buffer: the optimizer may create one on a step that then turns out to be skipped.
+    """
+    out = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        state = opt.state.get(p, {})
+        if "momentum_step" in state and state["momentum_step"].item() == 0:
+            assert not state["momentum_buffer"].any()
+            continue
+        for k, v in state.items():
+            out[f"state{i}.{k}"] = v.clone()
+    # grad_norm and skipped_steps are the two values a skipped step is meant to change.
+    for name in ("step", "norm_window", "window_max", "lr_scale"):
+        out[f"history.{name}"] = getattr(opt.history, name).clone()
+    return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} changed"
