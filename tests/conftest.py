@@ -12,7 +12,14 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Shrink the fused kernels' chunks so small test tensors span several chunks and blocks."""
-    from zenith_fused._engines import TritonEngine
+    from zenith_fused._engines import TritonEngine, resolve_backend
 
     monkeypatch.setattr(TritonEngine, "chunk_size", 256)
     monkeypatch.setattr(TritonEngine, "block_size", 64)
+    try:
+        resolve_backend("cpu", torch.device("cpu"))
+    except RuntimeError:
+        return
+    from zenith_fused._compiled_engines import CpuEngine
+
+    monkeypatch.setattr(CpuEngine, "chunk_size", 256)

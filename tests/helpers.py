@@ -23,8 +23,9 @@ TOLERANCES = {
     torch.float16: (2e-3, 2**-10),
     torch.bfloat16: (1.6e-2, 2**-7),
 }
-# The history is float32 whatever the parameter dtype.
-HISTORY_TOL = dict(atol=1e-6, rtol=2e-6)
+# The history is float32 whatever the parameter dtype; the norm is the same sum in another order
+# (per chunk, then across chunks), a few float32 ulps apart for large half-precision gradients.
+HISTORY_TOL = dict(atol=1e-6, rtol=1e-5)
 
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
 

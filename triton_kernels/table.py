@@ -11,7 +11,7 @@ the device, and reused while the tensors stay where they are:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton.language as tl
@@ -65,12 +65,14 @@ def build_tensor_table(
     *,
     chunk_size: int,
     placeholder_step: Tensor,
+    upload: Callable[[Tensor, torch.device], Tensor],
 ) -> TensorTable:
     """Build the table for one (device, dtype) group.
 
     A tensor without a momentum buffer gets its own parameter as a stand-in buffer address and
     ``placeholder_step`` as its step counter: the kernels never touch either (masked by
-    ``momentum == 0``), but every address in the table stays valid.
+    ``momentum == 0``), but every address in the table stays valid. ``upload(host, device)``
+    copies the host-built tables to the device without making the host wait.
     """
     device = params[0].device if params else placeholder_step.device
     key = table_key(params, grads, momentum_buffers, momentum_steps, hyperparam_slots, chunk_size)
@@ -95,18 +97,9 @@ def build_tensor_table(
     host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, TENSOR_COLUMNS.value)
     host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2)
     return TensorTable(
-        tensors=to_device(host_tensors, device),
-        chunks=to_device(host_chunks, device),
+        tensors=upload(host_tensors, device),
+        chunks=upload(host_chunks, device),
         num_chunks=len(chunk_rows),
         chunk_size=chunk_size,
         key=key,
     )
-
-
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host tensor to ``device`` without making the host wait for the device."""
-    if device.type == "cpu":
-        return host
-    # Pinned memory lets the copy be truly asynchronous; the caching host allocator keeps the
-    # staging buffer alive until the copy has run.
-    return host.pin_memory().to(device, non_blocking=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import GroupHyperparams, ZenithHistory
+from .reference import GroupHyperparams, StepInputs, ZenithHistory
 
 BACKENDS = ("auto", "triton", "cpu", "cuda", "reference")
 
@@ -45,14 +45,15 @@ class StepView:
     lr_scale: Tensor
     step: Tensor
     step_applied: Tensor
+    grad_multiplier: Tensor
 
     @classmethod
     def of(cls, history: ZenithHistory, device: torch.device) -> "StepView":
-        view = cls(history.lr_scale, history.step, history.step_applied)
+        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
         if device == history.device:
-            return view
+            return cls(*values)
         # Only for optimizers whose parameters span devices; a copy to the CPU makes the host wait.
-        return cls(*(t.to(device, non_blocking=device.type != "cpu") for t in (view.lr_scale, view.step, view.step_applied)))
+        return cls(*(t.to(device, non_blocking=device.type != "cpu") for t in values))
 
 
 class ReferenceEngine:
@@ -63,8 +64,8 @@ class ReferenceEngine:
     def sq_norm_partials(self, bucket: Bucket) -> Tensor:
         return reference.squared_norm_partials(bucket.grads)
 
-    def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor) -> None:
-        reference.update_history(history, sq_norm_partials)
+    def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
+        reference.update_history(history, sq_norm_partials, inputs)
 
     def momentum_update(self, bucket: Bucket, view: StepView) -> None:
         reference.momentum_update(
@@ -76,15 +77,55 @@ class ReferenceEngine:
             lr_scale=view.lr_scale,
             step=view.step,
             step_applied=view.step_applied,
+            grad_multiplier=view.grad_multiplier,
         )
 
 
 def hyperparam_rows(hyperparams: list[GroupHyperparams]) -> list[tuple[float, ...]]:
-    """The float32 hyper-parameter table the fused kernels read, one row per group."""
+    """The float32 hyper-parameter table the fused kernels read, one row per group:
+    (lr, momentum, 1 - dampening, weight_decay, nesterov, maximize). A tensor lr is a 0 here and
+    is copied in on the device (see :class:`HyperparamTables`)."""
     return [
-        (hp.lr, hp.momentum, 1.0 - hp.dampening, hp.weight_decay, float(hp.nesterov), float(hp.maximize))
+        (
+            0.0 if isinstance(hp.lr, Tensor) else hp.lr,
+            hp.momentum, 1.0 - hp.dampening, hp.weight_decay, float(hp.nesterov), float(hp.maximize),
+        )
         for hp in hyperparams
     ]
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the device."""
+    if device.type == "cpu":
+        return host
+    # Pinned memory makes the copy asynchronous; the caching host allocator keeps the staging
+    # buffer alive until the copy has run.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class HyperparamTables:
+    """The float32 ``[G, 6]`` tables of the fused kernels, one per (device, dtype) bucket.
+
+    A table is uploaded only when a group's hyper-parameters change (a scheduler writing a float
+    lr costs one small asynchronous copy). A tensor lr is copied into its row on the device at
+    every step, never read by the host, so such steps stay capturable in a CUDA graph.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[list, Tensor]] = {}
+
+    def get(self, bucket: Bucket) -> Tensor:
+        key = (bucket.device, bucket.dtype)
+        rows = hyperparam_rows(bucket.hyperparams)
+        cached = self._tables.get(key)
+        if cached is None or cached[0] != rows:
+            cached = (rows, upload(torch.tensor(rows, dtype=torch.float32), bucket.device))
+            self._tables[key] = cached
+        table = cached[1]
+        for slot, hp in enumerate(bucket.hyperparams):
+            if isinstance(hp.lr, Tensor):
+                table[slot, 0].copy_(hp.lr.reshape(()), non_blocking=True)
+        return table
 
 
 class TritonEngine:
@@ -99,8 +140,7 @@ class TritonEngine:
     def __init__(self) -> None:
         self._kernels = importlib.import_module("zenith_fused.triton_kernels")
         self._tables: dict[tuple[torch.device, torch.dtype], object] = {}
-        self._hyperparams: dict[tuple[torch.device, torch.dtype], tuple[list, Tensor]] = {}
-        self._partials: dict[torch.device, Tensor] = {}
+        self._hyperparams = HyperparamTables()
         self._placeholder_steps: dict[torch.device, Tensor] = {}
 
     def _table(self, bucket: Bucket):
@@ -119,26 +159,17 @@ class TritonEngine:
             table = k.build_tensor_table(
                 bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps,
                 bucket.hyperparam_slots, chunk_size=self.chunk_size, placeholder_step=placeholder,
+                upload=upload,
             )
             self._tables[key] = table
         return table
-
-    def _hyperparam_table(self, bucket: Bucket) -> Tensor:
-        key = (bucket.device, bucket.dtype)
-        rows = hyperparam_rows(bucket.hyperparams)
-        cached = self._hyperparams.get(key)
-        if cached is None or cached[0] != rows:
-            host = torch.tensor(rows, dtype=torch.float32)
-            cached = (rows, self._kernels.table.to_device(host, bucket.device))
-            self._hyperparams[key] = cached
-        return cached[1]
 
     def sq_norm_partials(self, bucket: Bucket) -> Tensor:
         table = self._table(bucket)
         out = torch.empty(table.num_chunks, dtype=torch.float32, device=bucket.device)
         return self._kernels.sq_norm_partials(table, bucket.dtype, out, block_size=self.block_size)
 
-    def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor) -> None:
+    def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
         self._kernels.update_history(
             sq_norm_partials,
             step=history.step,
@@ -148,16 +179,21 @@ class TritonEngine:
             grad_norm=history.grad_norm,
             lr_scale=history.lr_scale,
             step_applied=history.step_applied,
+            grad_multiplier=history.grad_multiplier,
+            grad_scale=inputs.grad_scale,
+            found_inf=inputs.found_inf,
+            max_grad_norm=inputs.max_grad_norm,
         )
 
     def momentum_update(self, bucket: Bucket, view: StepView) -> None:
         self._kernels.momentum_update(
             self._table(bucket),
             bucket.dtype,
-            self._hyperparam_table(bucket),
+            self._hyperparams.get(bucket),
             lr_scale=view.lr_scale,
             step=view.step,
             step_applied=view.step_applied,
+            grad_multiplier=view.grad_multiplier,
             has_momentum=bucket.has_momentum,
             block_size=self.block_size,
         )
@@ -186,24 +222,43 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             return f"backend {backend!r} runs on {backend} tensors; got a parameter on {device}"
-        return f"the compiled {backend} kernel of zenith_fused is not available in this build"
+        from . import _ext  # loads the compiled extension on first use
+
+        return _ext.unavailable_reason(backend)
     raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+
+
+def _compiled_engine(name: str) -> Callable[[], object]:
+    def make():
+        from . import _compiled_engines  # imports the compiled extension
+
+        return {"cpu": _compiled_engines.CpuEngine, "cuda": _compiled_engines.CudaEngine}[name]()
+
+    return make
 
 
 _ENGINE_FACTORIES: dict[str, Callable[[], object]] = {
     "reference": ReferenceEngine,
     "triton": TritonEngine,
+    "cpu": _compiled_engine("cpu"),
+    "cuda": _compiled_engine("cuda"),
 }
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs tensors on ``device``; raises RuntimeError if an explicit one can't.
 
-    ``"auto"`` picks, in order: Triton for CUDA tensors when it imports; the reference otherwise.
+    ``"auto"`` picks, in order: for CUDA tensors Triton when it imports, else the compiled "cuda"
+    kernels when built; for CPU tensors the compiled "cpu" kernels when built; the reference
+    otherwise.
     """
     if backend == "auto":
-        if device.type == "cuda" and _triton_unavailable_reason(device) is None:
-            return "triton"
+        if device.type == "cuda":
+            for candidate in ("triton", "cuda"):
+                if _unavailable_reason(candidate, device) is None:
+                    return candidate
+        elif device.type == "cpu" and _unavailable_reason("cpu", device) is None:
+            return "cpu"
         return "reference"
     reason = _unavailable_reason(backend, device)
     if reason is not None:

@@ -1,0 +1,250 @@
+// The ZENITH CPU kernels, written once over at::vec::Vectorized<float> and compiled once per
+// instruction set by kernels_cpu_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY
+// (and so the inline namespace everything here lives in) before including this file.
+//
+// sq_norm_partials (step 1 of zenith_fused/reference.py):
+//     partials[c] = sum over the elements i of chunk c of float32(g[i])^2
+// momentum_update (step 4 of zenith_fused/reference.py), per element, in float32:
+//     d   = sign * (g * grad_multiplier) + weight_decay * p     (the add only when weight_decay != 0)
+//     buf = d if first else momentum * buf + (1 - dampening) * d     (only when momentum != 0)
+//     d   = d + momentum * buf if nesterov else buf                  (only when momentum != 0)
+//     p   = p - (lr * lr_scale) * d
+// with one rounding to the storage type at each store. Every product and sum is a separate
+// float32 operation in the reference's order, and the build disables FMA contraction
+// (-ffp-contract=off), so for equal lr_scale the results are bit-identical to the reference.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "multi_tensor_cpu.h"
+
+namespace zenith_fused::cpu {
+inline namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+
+// ------------------------------------------------------------------ loads and stores
+// The vector loops move 2 * Vec::size() elements at a time: one Vectorized<Half/BFloat16>, which
+// converts to and from exactly two float vectors. float64 takes the scalar loop only.
+template <typename T>
+constexpr bool kVectorized = !std::is_same_v<T, double>;
+
+inline void load_pair(const float* src, Vec& lo, Vec& hi) {
+  lo = Vec::loadu(src);
+  hi = Vec::loadu(src + Vec::size());
+}
+
+template <typename T>
+inline void load_pair(const T* src, Vec& lo, Vec& hi) {
+  at::vec::load_to_float<T>(src, lo, hi);
+}
+
+inline void store_pair(float* dst, const Vec& lo, const Vec& hi) {
+  lo.store(dst);
+  hi.store(dst + Vec::size());
+}
+
+template <typename T>
+inline void store_pair(T* dst, const Vec& lo, const Vec& hi) {
+  // Round to nearest even, as Tensor.to(dtype) does.
+  at::vec::convert_from_float<T>(lo, hi).store(dst);
+}
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+inline T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// ------------------------------------------------------------------ squared norm
+// Element i of a chunk always adds into lane i % kNormLanes, whatever the vector width, and the
+// lanes are summed in one fixed tree: the partial has the same bits for any thread count and on
+// any of the instruction-set builds. 32 lanes keep each lane's float32 sum short (chunk / 32
+// terms).
+constexpr int64_t kNormLanes = 32;
+
+template <typename T>
+float chunk_sq_norm(const T* g, int64_t size) {
+  alignas(64) float lanes[kNormLanes] = {};
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    constexpr int64_t kVecs = kNormLanes / Vec::size();
+    static_assert(kVecs % 2 == 0, "the lanes must be a whole number of vector pairs");
+    Vec acc[kVecs];
+    for (auto& a : acc) {
+      a = Vec(0.0f);
+    }
+    for (; i + kNormLanes <= size; i += kNormLanes) {
+      for (int64_t k = 0; k < kVecs; k += 2) {
+        Vec lo, hi;
+        load_pair(g + i + k * Vec::size(), lo, hi);
+        acc[k] = acc[k] + lo * lo;
+        acc[k + 1] = acc[k + 1] + hi * hi;
+      }
+    }
+    for (int64_t k = 0; k < kVecs; ++k) {
+      acc[k].store(lanes + k * Vec::size());
+    }
+  }
+  for (; i < size; ++i) {
+    const float x = to_float(g[i]);
+    lanes[i % kNormLanes] += x * x;
+  }
+  for (int64_t width = kNormLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) {
+      lanes[l] += lanes[l + width];
+    }
+  }
+  return lanes[0];
+}
+
+template <typename T>
+void sq_norm_chunks(const void* const* grads, const Chunk* chunks, int64_t num_chunks, float* partials) {
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const Chunk& chunk = chunks[c];
+    const T* g = static_cast<const T*>(grads[chunk.tensor]) + chunk.begin;
+    partials[c] = chunk_sq_norm(g, chunk.size);
+  }
+}
+
+// ------------------------------------------------------------------ momentum update
+template <typename V>
+struct Coefficients {
+  V grad_multiplier, step_lr, momentum, one_minus_dampening, weight_decay, sign;
+
+  explicit Coefficients(const UpdateTensor& t)
+      : grad_multiplier(t.grad_multiplier),
+        step_lr(t.step_lr),
+        momentum(t.momentum),
+        one_minus_dampening(t.one_minus_dampening),
+        weight_decay(t.weight_decay),
+        sign(t.sign) {}
+};
+
+// The math of one element (V = float) or one vector of elements (V = Vec); the same code for
+// both, so the vector body and the scalar tail round identically.
+template <bool kWeightDecay, bool kMomentum, bool kFirst, bool kNesterov, typename V>
+inline void zenith_step(V& p, const V& g, V& buf, const Coefficients<V>& c) {
+  V d = (g * c.grad_multiplier) * c.sign;  // the second multiply is exact: by +-1
+  if constexpr (kWeightDecay) {
+    d = d + c.weight_decay * p;
+  }
+  if constexpr (kMomentum) {
+    if constexpr (kFirst) {
+      buf = d;
+    } else {
+      buf = c.momentum * buf + c.one_minus_dampening * d;
+    }
+    if constexpr (kNesterov) {
+      d = d + c.momentum * buf;
+    } else {
+      d = buf;
+    }
+  }
+  p = p - c.step_lr * d;
+}
+
+template <typename T, bool kWeightDecay, bool kMomentum, bool kFirst, bool kNesterov>
+void update_chunk(const UpdateTensor& t, int64_t begin, int64_t size) {
+  T* p = static_cast<T*>(t.param) + begin;
+  const T* g = static_cast<const T*>(t.grad) + begin;
+  T* buf = kMomentum ? static_cast<T*>(t.momentum_buffer) + begin : nullptr;
+  constexpr bool kReadsBuffer = kMomentum && !kFirst;  // a first step overwrites the buffer
+
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    const Coefficients<Vec> c(t);
+    constexpr int64_t kBlock = 2 * Vec::size();
+    for (; i + kBlock <= size; i += kBlock) {
+      Vec p0, p1, g0, g1;
+      Vec b0(0.0f), b1(0.0f);
+      load_pair(p + i, p0, p1);
+      load_pair(g + i, g0, g1);
+      if constexpr (kReadsBuffer) {
+        load_pair(buf + i, b0, b1);
+      }
+      zenith_step<kWeightDecay, kMomentum, kFirst, kNesterov>(p0, g0, b0, c);
+      zenith_step<kWeightDecay, kMomentum, kFirst, kNesterov>(p1, g1, b1, c);
+      store_pair(p + i, p0, p1);
+      if constexpr (kMomentum) {
+        store_pair(buf + i, b0, b1);
+      }
+    }
+  }
+  const Coefficients<float> c(t);
+  for (; i < size; ++i) {
+    float pi = to_float(p[i]);
+    float bi = 0.0f;
+    if constexpr (kReadsBuffer) {
+      bi = to_float(buf[i]);
+    }
+    zenith_step<kWeightDecay, kMomentum, kFirst, kNesterov>(pi, to_float(g[i]), bi, c);
+    p[i] = from_float<T>(pi);
+    if constexpr (kMomentum) {
+      buf[i] = from_float<T>(bi);
+    }
+  }
+}
+
+// The options are per tensor, so they become template arguments once per chunk rather than
+// branches per element.
+template <typename T>
+void update_chunks(const UpdateTensor* tensors, const Chunk* chunks, int64_t num_chunks) {
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const Chunk& chunk = chunks[c];
+    const UpdateTensor& t = tensors[chunk.tensor];
+    const bool weight_decay = t.weight_decay != 0.0f;
+    const int64_t b = chunk.begin;
+    const int64_t n = chunk.size;
+    if (t.momentum_buffer == nullptr) {
+      if (weight_decay) {
+        update_chunk<T, true, false, false, false>(t, b, n);
+      } else {
+        update_chunk<T, false, false, false, false>(t, b, n);
+      }
+      continue;
+    }
+    const int variant = (weight_decay ? 4 : 0) | (t.first ? 2 : 0) | (t.nesterov ? 1 : 0);
+    switch (variant) {
+      case 0: update_chunk<T, false, true, false, false>(t, b, n); break;
+      case 1: update_chunk<T, false, true, false, true>(t, b, n); break;
+      case 2: update_chunk<T, false, true, true, false>(t, b, n); break;
+      case 3: update_chunk<T, false, true, true, true>(t, b, n); break;
+      case 4: update_chunk<T, true, true, false, false>(t, b, n); break;
+      case 5: update_chunk<T, true, true, false, true>(t, b, n); break;
+      case 6: update_chunk<T, true, true, true, false>(t, b, n); break;
+      default: update_chunk<T, true, true, true, true>(t, b, n); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ entry points (KernelSet)
+inline void sq_norm_partials(ScalarKind kind, const void* const* grads, const Chunk* chunks,
+                             int64_t num_chunks, float* partials) {
+  switch (kind) {
+    case ScalarKind::Float: sq_norm_chunks<float>(grads, chunks, num_chunks, partials); break;
+    case ScalarKind::Half: sq_norm_chunks<c10::Half>(grads, chunks, num_chunks, partials); break;
+    case ScalarKind::BFloat16: sq_norm_chunks<c10::BFloat16>(grads, chunks, num_chunks, partials); break;
+    case ScalarKind::Double: sq_norm_chunks<double>(grads, chunks, num_chunks, partials); break;
+  }
+}
+
+inline void momentum_update(ScalarKind kind, const UpdateTensor* tensors, const Chunk* chunks,
+                            int64_t num_chunks) {
+  switch (kind) {
+    case ScalarKind::Float: update_chunks<float>(tensors, chunks, num_chunks); break;
+    case ScalarKind::Half: update_chunks<c10::Half>(tensors, chunks, num_chunks); break;
+    case ScalarKind::BFloat16: update_chunks<c10::BFloat16>(tensors, chunks, num_chunks); break;
+    case ScalarKind::Double: update_chunks<double>(tensors, chunks, num_chunks); break;
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace zenith_fused::cpu

@@ -1,0 +1,93 @@
+// The CPU multi-tensor harness: chunk tables, the choice of kernel build, and the parallel loop.
+#include "multi_tensor_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <string>
+
+namespace zenith_fused::cpu {
+namespace {
+
+// A chunk costs its elements plus a fixed overhead (tensor lookup, dispatch, a partial tail), so
+// that many short chunks still spread over the threads.
+constexpr int64_t kChunkOverhead = 256;
+// Below this much work a second thread costs more to wake than it saves.
+constexpr int64_t kMinParallelWork = 1 << 16;
+
+KernelSet choose_kernels() {
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") {
+    const KernelSet k = avx512_kernels();
+    if (k.momentum_update != nullptr) {
+      return k;
+    }
+  }
+  if (capability == "AVX512" || capability == "AVX2") {
+    const KernelSet k = avx2_kernels();
+    if (k.momentum_update != nullptr) {
+      return k;
+    }
+  }
+  return default_kernels();
+}
+
+}  // namespace
+
+const KernelSet& kernels() {
+  static const KernelSet chosen = choose_kernels();
+  return chosen;
+}
+
+std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels, int64_t chunk_size) {
+  int64_t count = 0;
+  for (const int64_t n : numels) {
+    count += (n + chunk_size - 1) / chunk_size;
+  }
+  std::vector<Chunk> chunks;
+  chunks.reserve(count);
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    for (int64_t begin = 0; begin < numels[t]; begin += chunk_size) {
+      chunks.push_back({t, begin, std::min(chunk_size, numels[t] - begin)});
+    }
+  }
+  return chunks;
+}
+
+void parallel_over_chunks(const std::vector<Chunk>& chunks,
+                          const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  if (num_chunks == 0) {
+    return;
+  }
+  int64_t total = 0;
+  for (const Chunk& c : chunks) {
+    total += c.size + kChunkOverhead;
+  }
+  const int64_t parts = std::min<int64_t>({at::get_num_threads(), num_chunks, total / kMinParallelWork});
+  if (parts <= 1) {
+    body(0, num_chunks);
+    return;
+  }
+  // Cut where the running cost passes k / parts of the total.
+  std::vector<int64_t> bounds(parts + 1, num_chunks);
+  bounds[0] = 0;
+  int64_t cost = 0;
+  int64_t part = 1;
+  for (int64_t c = 0; c < num_chunks && part < parts; ++c) {
+    cost += chunks[c].size + kChunkOverhead;
+    while (part < parts && cost * parts >= total * part) {
+      bounds[part++] = c + 1;
+    }
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      if (bounds[p] < bounds[p + 1]) {
+        body(bounds[p], bounds[p + 1]);
+      }
+    }
+  });
+}
+
+}  // namespace zenith_fused::cpu

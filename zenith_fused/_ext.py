@@ -1,0 +1,127 @@
+"""The compiled operators of zenith_fused (``torch.ops.zenith_fused``), loaded on first use.
+
+``setup.py`` builds them as the extension ``zenith_fused._C`` from ``csrc/`` when torch and a C++
+compiler are present at install time (the CUDA kernels too when torch has CUDA and nvcc is
+found). Where that build did not happen, the "cpu" and "cuda" backends report why, and
+``"auto"`` uses Triton or the reference. With ``ZENITH_FUSED_BUILD_EXT=1`` a missing extension is
+compiled from the checkout's ``csrc/`` on first use instead (torch.utils.cpp_extension.load).
+
+This module also registers the operators' fake implementations, so that they trace under
+``torch.compile``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+__all__ = ["cpu_kernels_available", "cuda_kernels_available", "unavailable_reason"]
+
+_lock = threading.Lock()
+_loaded = False
+_load_error: str | None = None
+
+
+def _extension_config():
+    """csrc/extension.py of the checkout this package runs from, or None (an installed wheel)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "extension.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("zenith_fused_extension_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    config = _extension_config()
+    if config is None:
+        raise RuntimeError("the csrc/ sources are not next to the package (not a source checkout)")
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    cpp_extension.load(
+        name="zenith_fused_jit",
+        sources=config.sources(with_cuda, absolute=True),
+        extra_cflags=config.cxx_flags(),
+        extra_cuda_cflags=config.nvcc_flags(),
+        extra_ldflags=config.link_flags(),
+        is_python_module=False,  # loads the library into torch.ops; no Python module needed
+    )
+
+
+def _load() -> str | None:
+    """Load the operators once; None when they are registered, else the reason they are not."""
+    global _loaded, _load_error
+    with _lock:
+        if _loaded:
+            return _load_error
+        try:
+            importlib.import_module("zenith_fused._C")
+        except ImportError as exc:
+            build = os.environ.get("ZENITH_FUSED_BUILD_EXT")
+            if build == "1":
+                try:
+                    _jit_build()
+                except Exception as jit_exc:  # compiler errors come as RuntimeError, subprocess errors
+                    _load_error = (
+                        f"the compiled extension zenith_fused._C is not built ({exc}), and compiling it "
+                        f"on first use failed: {type(jit_exc).__name__}: {jit_exc}"
+                    )
+            else:
+                _load_error = (
+                    f"the compiled extension zenith_fused._C is not built ({exc}). Reinstall with torch "
+                    "importable and a C++ compiler (`pip install --no-build-isolation -e .`), or set "
+                    "ZENITH_FUSED_BUILD_EXT=1 to compile it on first use"
+                )
+        if _load_error is None:
+            _register_fakes()
+        _loaded = True
+        return _load_error
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why the compiled ``backend`` ("cpu" or "cuda") cannot run here, or None when it can."""
+    reason = _load()
+    if reason is not None:
+        return reason
+    if backend == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "zenith_fused::momentum_update", "CUDA"
+    ):
+        return (
+            "the compiled extension was built without its CUDA kernels (at build time torch had no "
+            "CUDA or nvcc was not found)"
+        )
+    return None
+
+
+def cpu_kernels_available() -> bool:
+    return unavailable_reason("cpu") is None
+
+
+def cuda_kernels_available() -> bool:
+    return unavailable_reason("cuda") is None
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the operators' results without running them (torch.compile, meta)."""
+
+    @torch.library.register_fake("zenith_fused::sq_norm_partials")
+    def _(grads, chunk_size):
+        if not grads:
+            return torch.empty(0, dtype=torch.float32)
+        num_chunks = sum((g.numel() + chunk_size - 1) // chunk_size for g in grads)
+        return grads[0].new_empty((num_chunks,), dtype=torch.float32)
+
+    @torch.library.register_fake("zenith_fused::update_history")
+    def _(sq_norm_partials, step, norm_window, window_max, skipped_steps, grad_norm, lr_scale, step_applied,
+          grad_multiplier, grad_scale, found_inf, max_grad_norm):
+        return None
+
+    @torch.library.register_fake("zenith_fused::momentum_update")
+    def _(params, grads, momentum_buffers, momentum_steps, hyperparams, hyperparam_slots, lr_scale, step,
+          step_applied, grad_multiplier, chunk_size):
+        return None
