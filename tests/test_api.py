@@ -40,7 +40,11 @@ def params(n=2):
         (dict(nesterov=True, momentum=0.0), ValueError, "Nesterov momentum requires a momentum and zero dampening"),
         (dict(nesterov=True, dampening=0.1), ValueError, "Nesterov momentum requires a momentum and zero dampening"),
         (dict(backend="fastest"), ValueError, "Invalid backend: 'fastest'"),
-        (dict(lr=torch.tensor(0.1)), TypeError, "ZenithFused takes lr as a Python float"),
+        (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
+        (dict(lr=torch.tensor(-0.1)), ValueError, "Invalid learning rate: -0.1"),
+        (dict(lr=torch.tensor(1)), ValueError, "Tensor lr must be a floating-point tensor; got torch.int64"),
+        (dict(max_grad_norm=0.0), ValueError, "Invalid max_grad_norm value: 0.0"),
+        (dict(max_grad_norm=-1), ValueError, "Invalid max_grad_norm value: -1"),
     ],
 )
 def test_invalid_constructor_arguments(kwargs, error, match):

@@ -1,9 +1,11 @@
 """The window / maximum / scale bookkeeping of ZENITH, on the device, in one program.
 
 Implements steps 1-3 of ``zenith_fused/reference.py`` (``update_history``):
-``n_t = sqrt(sum(sq_norm_partials))``; if finite, ``t += 1``, ``window[(t-1) % W] = n_t``,
-``m_t = sum(window) / min(t, W)``, ``M_t = max(M_{t-1}, m_t)``, ``scale_t = m_t / M_t``
-(1 when ``M_t == 0``); else only ``skipped_steps += 1``. ``step_applied`` records which.
+``n_t = sqrt(sum(sq_norm_partials)) / grad_scale``; the step is applied when ``n_t`` is finite
+and ``found_inf == 0``; then ``t += 1``, ``window[(t-1) % W] = n_t``, ``m_t = sum(window) /
+min(t, W)``, ``M_t = max(M_{t-1}, m_t)``, ``scale_t = m_t / M_t`` (1 when ``M_t == 0``); else only
+``skipped_steps += 1``. ``step_applied`` records which, and ``grad_multiplier = (1 / grad_scale)
+* min(1, max_grad_norm / (n_t + 1e-6))`` is what the update applies to the raw gradients.
 The partials are summed in a fixed order (deterministic); square root and divisions are the
 correctly rounded ones, so the result does not depend on the GPU's fast-math defaults.
 """
@@ -26,6 +28,13 @@ def _update_history_kernel(
     grad_norm_ptr,
     lr_scale_ptr,
     step_applied_ptr,
+    grad_multiplier_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    max_grad_norm,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    CLIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -33,7 +42,13 @@ def _update_history_kernel(
         index = offset + tl.arange(0, BLOCK)
         acc += tl.load(sq_norm_partials + index, mask=index < num_partials, other=0.0)
     grad_norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+        grad_norm = grad_norm * inv_scale
     finite = grad_norm < float("inf")  # false for inf and nan
+    if HAS_FOUND_INF:
+        finite = finite & (tl.load(found_inf_ptr) == 0)
 
     step = tl.load(step_ptr)
     slot = step % window_size
@@ -55,6 +70,10 @@ def _update_history_kernel(
     new_max = tl.maximum(window_max, mean)
     has_max = new_max > 0
     scale = tl.where(has_max, tl.div_rn(mean, tl.where(has_max, new_max, 1.0)), 1.0)
+    multiplier = inv_scale
+    if CLIP:
+        clip = tl.minimum(tl.div_rn(max_grad_norm, grad_norm + 1e-6), 1.0)
+        multiplier = multiplier * clip
 
     tl.store(norm_window + slot, grad_norm, mask=finite)
     tl.store(grad_norm_ptr, grad_norm)
@@ -63,6 +82,7 @@ def _update_history_kernel(
     tl.store(lr_scale_ptr, tl.where(finite, scale, tl.load(lr_scale_ptr)))
     tl.store(skipped_steps_ptr, tl.load(skipped_steps_ptr) + tl.where(finite, 0, 1))
     tl.store(step_applied_ptr, tl.where(finite, 1, 0).to(tl.int32))
+    tl.store(grad_multiplier_ptr, multiplier)
 
 
 def update_history(
@@ -75,9 +95,17 @@ def update_history(
     grad_norm: Tensor,
     lr_scale: Tensor,
     step_applied: Tensor,
+    grad_multiplier: Tensor,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    max_grad_norm: float | None = None,
     block_size: int = 1024,
 ) -> None:
-    """Fold the norm whose squared partials are ``sq_norm_partials`` into the history, in place."""
+    """Fold the norm whose squared partials are ``sq_norm_partials`` into the history, in place.
+
+    ``grad_scale`` / ``found_inf`` are GradScaler's 0-dim tensors (or None); ``max_grad_norm``
+    turns clipping on. Results land in the history tensors and in ``grad_multiplier``.
+    """
     _update_history_kernel[(1,)](
         sq_norm_partials,
         sq_norm_partials.numel(),
@@ -89,5 +117,13 @@ def update_history(
         grad_norm,
         lr_scale,
         step_applied,
+        grad_multiplier,
+        # Absent inputs get a valid stand-in address that the constexpr flags never read.
+        grad_multiplier if grad_scale is None else grad_scale,
+        grad_multiplier if found_inf is None else found_inf,
+        0.0 if max_grad_norm is None else float(max_grad_norm),
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        CLIP=max_grad_norm is not None,
         BLOCK=block_size,
     )

@@ -2,12 +2,13 @@
 
 Implements step 4 of ``zenith_fused/reference.py`` (``momentum_update``), per element, in float32::
 
+    g   = g * grad_multiplier                    (unscaling and clipping, from the history kernel)
     d   = sign * g + weight_decay * p            (sign = -1 if maximize; the add only if wd != 0)
     buf = d if first else momentum * buf + (1 - dampening) * d
     d   = d + momentum * buf if nesterov else buf       (only if momentum != 0)
     p   = p - lr * lr_scale * d
 
-``lr_scale``, ``step`` and ``step_applied`` are read from device memory, so a skipped step costs
+``lr_scale``, ``step``, ``step_applied`` and ``grad_multiplier`` are read from device memory, so a skipped step costs
 no host round trip: when ``step_applied == 0`` every load and store is masked off.
 Hyper-parameters come per tensor from a ``[G, 6]`` float32 table (lr, momentum, 1 - dampening,
 weight_decay, nesterov, maximize), so parameter groups of one dtype share one launch.
@@ -46,6 +47,7 @@ def _momentum_update_kernel(
     lr_scale_ptr,
     step_ptr,
     step_applied_ptr,
+    grad_multiplier_ptr,
     DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -72,6 +74,7 @@ def _momentum_update_kernel(
     applied = tl.load(step_applied_ptr) != 0
     limit = tl.where(applied, numel, 0)
     step_lr = lr * tl.load(lr_scale_ptr)
+    grad_multiplier = tl.load(grad_multiplier_ptr)
 
     if HAS_MOMENTUM:
         has_buffer = momentum != 0
@@ -87,7 +90,7 @@ def _momentum_update_kernel(
     for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
         index = start + offset + tl.arange(0, BLOCK)
         mask = index < limit
-        g = tl.load(grad + index, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + index, mask=mask, other=0.0).to(tl.float32) * grad_multiplier
         p = tl.load(param + index, mask=mask, other=0.0).to(tl.float32)
         d = sign * g
         d = tl.where(weight_decay != 0, d + weight_decay * p, d)
@@ -108,6 +111,7 @@ def momentum_update(
     lr_scale: Tensor,
     step: Tensor,
     step_applied: Tensor,
+    grad_multiplier: Tensor,
     has_momentum: bool,
     block_size: int,
 ) -> None:
@@ -121,6 +125,7 @@ def momentum_update(
         lr_scale,
         step,
         step_applied,
+        grad_multiplier,
         DTYPE=triton_dtype(dtype),
         HAS_MOMENTUM=has_momentum,
         CHUNK=table.chunk_size,

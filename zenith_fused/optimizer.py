@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._engines import BACKENDS, Bucket, StepView, make_engine, resolve_backend
-from .reference import GroupHyperparams, ZenithHistory
+from .reference import GroupHyperparams, StepInputs, ZenithHistory
 
 __all__ = ["ZenithFused"]
 
@@ -33,8 +33,10 @@ class ZenithFused(Optimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr (float): base learning rate :math:`\gamma` (default: 0.1). ``group["lr"]`` stays the
-            base rate, so learning-rate schedulers compose with ZENITH's scale.
+        lr (float or Tensor): base learning rate :math:`\gamma` (default: 0.1). ``group["lr"]``
+            stays the base rate, so learning-rate schedulers compose with ZENITH's scale. A
+            1-element tensor on the parameters' device keeps ``step()`` free of Python floats
+            (CUDA-graph capture, ``torch.compile``).
         momentum (float): momentum factor :math:`\mu` (default: 0.9).
         dampening (float): dampening :math:`\tau` for momentum (default: 0).
         weight_decay (float): L2 penalty :math:`\lambda` (default: 0).
@@ -42,12 +44,22 @@ class ZenithFused(Optimizer):
         maximize (bool, keyword-only): maximize the objective (default: False).
         window_size (int, keyword-only): :math:`W`, the number of recent gradient norms averaged
             (default: 100). Shared by all parameter groups.
-        backend (str, keyword-only): ``"auto"`` (Triton for CUDA tensors when Triton imports, the
-            reference otherwise), ``"triton"``, or ``"reference"`` (readable PyTorch). An explicit
+        max_grad_norm (float, keyword-only): if set, the update uses the gradients scaled by
+            ``min(1, max_grad_norm / (n_t + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` would,
+            at no extra pass over memory; the window records the unclipped ``n_t``
+            (default: None, no clipping).
+        backend (str, keyword-only): ``"auto"`` (for CUDA tensors Triton when it imports, else
+            the compiled ``"cuda"`` kernels when built; for CPU tensors the compiled ``"cpu"``
+            kernels when built; the reference otherwise), ``"triton"``, ``"cpu"`` or ``"cuda"``
+            (the compiled kernels of ``csrc/``), or ``"reference"`` (readable PyTorch). An explicit
             backend that cannot run raises ``RuntimeError`` with the reason.
 
     After every ``step()``, ``grad_norm``, ``lr_scale`` and ``skipped_steps`` are 0-dim tensors on
-    the first parameter's device; reading them as numbers is the only moment the host waits.
+    the first parameter's device; reading them as numbers (or :meth:`stats`) is the only moment the
+    host waits.
+
+    With ``torch.amp.GradScaler``, ``step()`` takes the scaler's scale and inf flag: the norm and
+    the update see unscaled gradients, and an overflow step changes nothing, all on the device.
 
     Example:
         >>> opt = ZenithFused(model.parameters(), lr=0.1, momentum=0.9)
@@ -60,6 +72,10 @@ class ZenithFused(Optimizer):
         optimizer. The momentum update is exactly ``torch.optim.SGD``'s at ``lr * lr_scale``.
     """
 
+    # GradScaler hands over its scale and inf flag (``self.grad_scale`` / ``self.found_inf``)
+    # instead of unscaling the gradients in a pass of its own.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -71,13 +87,17 @@ class ZenithFused(Optimizer):
         *,
         maximize: bool = False,
         window_size: int = 100,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"Invalid window_size value: {window_size}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
         self.window_size = window_size
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self._engines: dict[str, Any] = {}
         self._bucket_backends: dict[tuple[torch.device, torch.dtype], str] = {}
@@ -101,7 +121,7 @@ class ZenithFused(Optimizer):
                 "optimizer); pass it to ZenithFused(), not in a parameter group"
             )
         group = {**self.defaults, **param_group}
-        _check_hyperparams(group)
+        _check_hyperparams(group, check_tensor_values=True)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
@@ -122,6 +142,7 @@ class ZenithFused(Optimizer):
         name = self._bucket_backends.get(key)
         if name is None:
             name = resolve_backend(self.backend, device)
+            self._engine(name)  # created now, not inside a step that torch.compile may trace
             self._bucket_backends[key] = name
         return name
 
@@ -146,6 +167,22 @@ class ZenithFused(Optimizer):
     def skipped_steps(self) -> Tensor:
         """How many steps were skipped for a non-finite gradient norm, int64 0-dim."""
         return self._history.skipped_steps
+
+    def stats(self) -> dict[str, Any]:
+        """The numbers worth logging, read with one host synchronisation; call it every N steps.
+
+        Returns ``{"step", "grad_norm", "lr_scale", "skipped_steps", "lr"}``, where ``"lr"`` is the
+        effective learning rate ``group["lr"] * lr_scale`` of each parameter group.
+        """
+        h = self._history
+        values = [h.step, h.grad_norm, h.lr_scale, h.skipped_steps]
+        values += [g["lr"].reshape(()) for g in self.param_groups if isinstance(g["lr"], Tensor)]
+        numbers = torch.stack([v.to(h.device, torch.float64) for v in values]).tolist()  # sync-ok: asked for
+        step, grad_norm, lr_scale, skipped, *tensor_lrs = numbers
+        tensor_lrs.reverse()
+        lrs = [(tensor_lrs.pop() if isinstance(g["lr"], Tensor) else g["lr"]) * lr_scale for g in self.param_groups]
+        return {"step": int(step), "grad_norm": grad_norm, "lr_scale": lr_scale,
+                "skipped_steps": int(skipped), "lr": lrs}
 
     @property
     def history(self) -> ZenithHistory:
@@ -222,12 +259,23 @@ class ZenithFused(Optimizer):
             partials.append(engine.sq_norm_partials(bucket).to(history.device, non_blocking=True))
         sq_norm_partials = partials[0] if len(partials) == 1 else torch.cat(partials)
 
-        self._engine(self._history_backend(buckets)).update_history(history, sq_norm_partials)
+        self._engine(self._history_backend(buckets)).update_history(history, sq_norm_partials, self._step_inputs())
 
         for key, bucket in buckets.items():
             engine = self._engine(self._backend_for(*key))
             engine.momentum_update(bucket, StepView.of(history, bucket.device))
         return loss
+
+    def _step_inputs(self) -> StepInputs:
+        """GradScaler's tensors, set on the optimizer just for this step, and the clipping norm."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        device = self._history.device
+        return StepInputs(
+            grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+            found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+            max_grad_norm=self.max_grad_norm,
+        )
 
     def _history_backend(self, buckets: dict) -> str:
         for (device, dtype) in buckets:
@@ -270,12 +318,16 @@ class ZenithFused(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(window_size=self.window_size, backend=self.backend, _history=self._history)
+        state.update(
+            window_size=self.window_size, max_grad_norm=self.max_grad_norm, backend=self.backend,
+            _history=self._history,
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_engines", {})
+        self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("_bucket_backends", {})
         for group in self.param_groups:
             group.setdefault("maximize", False)
@@ -283,11 +335,18 @@ class ZenithFused(Optimizer):
             group.setdefault("dampening", 0.0)
 
 
-def _check_hyperparams(group: dict[str, Any]) -> None:
+def _check_hyperparams(group: dict[str, Any], *, check_tensor_values: bool = False) -> None:
+    """torch.optim.SGD's checks. A tensor lr's value is checked only when asked (when a group is
+    added), never at step time, where reading it would make the host wait for the device."""
     lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
     if isinstance(lr, Tensor):
-        raise TypeError("ZenithFused takes lr as a Python float")
-    if not lr >= 0.0:
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating-point tensor; got {lr.dtype}")
+        if check_tensor_values and not lr.item() >= 0.0:  # sync-ok: add_param_group, not a step
+            raise ValueError(f"Invalid learning rate: {lr}")
+    elif not lr >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not momentum >= 0.0:
         raise ValueError(f"Invalid momentum value: {momentum}")
@@ -299,8 +358,9 @@ def _check_hyperparams(group: dict[str, Any]) -> None:
 
 def _group_hyperparams(group: dict[str, Any]) -> GroupHyperparams:
     _check_hyperparams(group)  # a scheduler or user may have written the group since
+    lr = group["lr"]
     return GroupHyperparams(
-        lr=float(group["lr"]),
+        lr=lr if isinstance(lr, Tensor) else float(lr),
         momentum=float(group["momentum"]),
         dampening=float(group["dampening"]),
         weight_decay=float(group["weight_decay"]),

@@ -41,6 +41,7 @@ from torch import Tensor
 __all__ = [
     "ZenithHistory",
     "GroupHyperparams",
+    "StepInputs",
     "squared_norm_partials",
     "update_history",
     "momentum_update",
@@ -58,6 +59,7 @@ class ZenithHistory:
     grad_norm: Tensor  # float32 0-dim: n_t of the last step (inf/nan when it was skipped)
     lr_scale: Tensor  # float32 0-dim: scale_t of the last finite step, 1 before any
     step_applied: Tensor  # int32 0-dim: 1 if the last step was finite, else 0
+    grad_multiplier: Tensor  # float32 0-dim: what the update multiplies raw gradients by
 
     @classmethod
     def zeros(cls, window_size: int, device: torch.device) -> "ZenithHistory":
@@ -69,6 +71,7 @@ class ZenithHistory:
             grad_norm=torch.zeros((), dtype=torch.float32, device=device),
             lr_scale=torch.ones((), dtype=torch.float32, device=device),
             step_applied=torch.zeros((), dtype=torch.int32, device=device),
+            grad_multiplier=torch.ones((), dtype=torch.float32, device=device),
         )
 
     @property
@@ -81,8 +84,24 @@ class ZenithHistory:
 
 
 @dataclass(frozen=True)
+class StepInputs:
+    """What mixed precision and clipping bring to a step; every field is optional.
+
+    ``grad_scale``: float32 0-dim, GradScaler's scale; the gradients arrive multiplied by it, so the
+    norm and the update use ``g / grad_scale``. ``found_inf``: float32 0-dim, nonzero when GradScaler
+    saw an inf or nan; the step is then skipped. ``max_grad_norm``: clip the update's gradients to
+    this global norm, ``g * min(1, max_grad_norm / (n_t + 1e-6))`` as torch.nn.utils.clip_grad_norm_
+    does; the window still records the unclipped ``n_t``.
+    """
+
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    max_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
 class GroupHyperparams:
-    lr: float
+    lr: float | Tensor  # a Tensor lr (1 element, on the parameters' device) keeps steps capturable
     momentum: float
     dampening: float
     weight_decay: float
@@ -94,14 +113,28 @@ def squared_norm_partials(grads: Sequence[Tensor]) -> Tensor:
     """Per-gradient squared L2 norms in float32, as a 1-D tensor; their sum is ``n_t ** 2``."""
     if len(grads) == 0:
         return torch.zeros(0, dtype=torch.float32)
-    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    # float32 accumulation for every gradient dtype; float64 gradients keep their own width.
+    norms = torch.stack([
+        torch.linalg.vector_norm(g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+        for g in grads
+    ]).to(torch.float32)
     return norms * norms
 
 
-def update_history(history: ZenithHistory, sq_norm_partials: Tensor) -> None:
-    """Step 1-3 of the algorithm: fold this step's norm into the history, in place."""
-    grad_norm = sq_norm_partials.to(torch.float32).sum().sqrt()
+def update_history(history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
+    """Steps 1-3 of the algorithm: fold this step's norm into the history, in place.
+
+    Also sets ``grad_multiplier``, the factor the update applies to the raw gradients:
+    ``1 / grad_scale`` (unscaling) times the clipping coefficient.
+    """
+    raw_norm = sq_norm_partials.to(torch.float32).sum().sqrt()
+    inv_scale = torch.ones((), dtype=torch.float32, device=raw_norm.device)
+    if inputs.grad_scale is not None:
+        inv_scale = inputs.grad_scale.to(torch.float32).reciprocal()
+    grad_norm = raw_norm * inv_scale
     finite = torch.isfinite(grad_norm)
+    if inputs.found_inf is not None:
+        finite = finite & (inputs.found_inf == 0)
     window_size = history.window_size
 
     slot = (history.step % window_size).reshape(1)  # a tensor index: no host read
@@ -113,6 +146,9 @@ def update_history(history: ZenithHistory, sq_norm_partials: Tensor) -> None:
     mean = history.norm_window.sum() / count
     new_max = torch.maximum(history.window_max, mean)
     scale = torch.where(new_max > 0, mean / new_max, torch.ones_like(mean))
+    multiplier = inv_scale
+    if inputs.max_grad_norm is not None:
+        multiplier = multiplier * (inputs.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
 
     history.grad_norm.copy_(grad_norm)
     history.step.copy_(new_step)
@@ -120,6 +156,7 @@ def update_history(history: ZenithHistory, sq_norm_partials: Tensor) -> None:
     history.lr_scale.copy_(torch.where(finite, scale, history.lr_scale))
     history.skipped_steps.add_((~finite).to(torch.int64))
     history.step_applied.copy_(finite.to(torch.int32))
+    history.grad_multiplier.copy_(multiplier)
 
 
 def momentum_update(
@@ -132,15 +169,17 @@ def momentum_update(
     lr_scale: Tensor,
     step: Tensor,
     step_applied: Tensor,
+    grad_multiplier: Tensor,
 ) -> None:
     """Step 4: torch.optim.SGD's update at ``lr * lr_scale``, a no-op unless ``step_applied``.
 
-    ``hyperparams[i]`` belongs to ``params[i]``; ``step`` is ``t`` after this step's increment.
+    ``hyperparams[i]`` belongs to ``params[i]``; ``step`` is ``t`` after this step's increment;
+    the gradients are used as ``g * grad_multiplier`` (unscaled and clipped).
     Arithmetic is float32 and each tensor is rounded to its own dtype once, at the store.
     """
     applied = step_applied.to(torch.bool)
     for p, g, buf, buf_step, hp in zip(params, grads, momentum_buffers, momentum_steps, hyperparams):
-        d = g.to(torch.float32)
+        d = g.to(torch.float32) * grad_multiplier
         if hp.maximize:
             d = -d
         if hp.weight_decay != 0:
