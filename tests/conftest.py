@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Shrink the fused kernels' chunks so small test tensors span several chunks and blocks."""
-    from zenith_fused._engines import TritonEngine, resolve_backend
+    from zenith_fused._engines import resolve_backend
+    from zenith_fused._triton_engine import TritonEngine
 
     monkeypatch.setattr(TritonEngine, "chunk_size", 256)
     monkeypatch.setattr(TritonEngine, "block_size", 64)

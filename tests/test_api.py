@@ -312,17 +312,20 @@ def test_step_reads_no_tensor_value_on_the_host(backend, monkeypatch):
     if reason:
         pytest.skip(reason)
     ps = [torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(3, 3))]
-    opt = ZenithFused(ps, backend=backend, window_size=2, dampening=0.1)
+    # Every step-time input at once: a tensor lr, clipping, and GradScaler's two tensors.
+    opt = ZenithFused(ps, lr=torch.tensor(0.1), backend=backend, window_size=2, dampening=0.1, max_grad_norm=1.0)
     for p in ps:
         p.grad = torch.randn_like(p)
-    opt.step()  # the first step builds tables and buffers; the check covers it and the next ones
+    opt.step()
     for bad in ("tolist", "numpy", "__array__"):
         monkeypatch.setattr(torch.Tensor, bad, lambda *a, **k: pytest.fail(f"Tensor.{bad} on the step path"))
     with _NoHostReads():
-        for _ in range(3):
+        for step in range(4):
             for p in ps:
-                p.grad = torch.randn_like(p)
+                p.grad = torch.randn_like(p) * 1024
+            opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(float(step == 2))
             opt.step()
+    assert opt.skipped_steps.item() == 1
 
 
 def test_the_no_sync_check_catches_a_host_read():

@@ -1,6 +1,6 @@
 """Engines over the compiled operators of ``csrc/`` (``torch.ops.zenith_fused``, see ``_ext.py``).
 
-The same three methods as :class:`zenith_fused._engines.TritonEngine`, one operator call each for
+The same three methods as :class:`zenith_fused._triton_engine.TritonEngine`, one operator call each for
 a whole (device, dtype) bucket, every parameter group included:
 
 * ``CpuEngine``: C++ over ``at::vec::Vectorized`` (the AVX512, AVX2 or baseline build, as ATen

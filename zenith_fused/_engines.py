@@ -128,77 +128,6 @@ class HyperparamTables:
         return table
 
 
-class TritonEngine:
-    """Multi-tensor Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
-
-    name = "triton"
-    # Elements per program and per inner iteration. On the GPU a program streams 64 KiB of fp32
-    # per chunk, enough to hide latency while leaving thousands of programs for large models.
-    chunk_size = 16384
-    block_size = 1024
-
-    def __init__(self) -> None:
-        self._kernels = importlib.import_module("zenith_fused.triton_kernels")
-        self._tables: dict[tuple[torch.device, torch.dtype], object] = {}
-        self._hyperparams = HyperparamTables()
-        self._placeholder_steps: dict[torch.device, Tensor] = {}
-
-    def _table(self, bucket: Bucket):
-        key = (bucket.device, bucket.dtype)
-        k = self._kernels
-        wanted = k.table_key(
-            bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps,
-            bucket.hyperparam_slots, self.chunk_size,
-        )
-        table = self._tables.get(key)
-        if table is None or table.key != wanted:
-            placeholder = self._placeholder_steps.get(bucket.device)
-            if placeholder is None:
-                placeholder = torch.zeros((), dtype=torch.int64, device=bucket.device)
-                self._placeholder_steps[bucket.device] = placeholder
-            table = k.build_tensor_table(
-                bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps,
-                bucket.hyperparam_slots, chunk_size=self.chunk_size, placeholder_step=placeholder,
-                upload=upload,
-            )
-            self._tables[key] = table
-        return table
-
-    def sq_norm_partials(self, bucket: Bucket) -> Tensor:
-        table = self._table(bucket)
-        out = torch.empty(table.num_chunks, dtype=torch.float32, device=bucket.device)
-        return self._kernels.sq_norm_partials(table, bucket.dtype, out, block_size=self.block_size)
-
-    def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
-        self._kernels.update_history(
-            sq_norm_partials,
-            step=history.step,
-            norm_window=history.norm_window,
-            window_max=history.window_max,
-            skipped_steps=history.skipped_steps,
-            grad_norm=history.grad_norm,
-            lr_scale=history.lr_scale,
-            step_applied=history.step_applied,
-            grad_multiplier=history.grad_multiplier,
-            grad_scale=inputs.grad_scale,
-            found_inf=inputs.found_inf,
-            max_grad_norm=inputs.max_grad_norm,
-        )
-
-    def momentum_update(self, bucket: Bucket, view: StepView) -> None:
-        self._kernels.momentum_update(
-            self._table(bucket),
-            bucket.dtype,
-            self._hyperparams.get(bucket),
-            lr_scale=view.lr_scale,
-            step=view.step,
-            step_applied=view.step_applied,
-            grad_multiplier=view.grad_multiplier,
-            has_momentum=bucket.has_momentum,
-            block_size=self.block_size,
-        )
-
-
 def _triton_unavailable_reason(device: torch.device) -> str | None:
     try:
         importlib.import_module("zenith_fused.triton_kernels")
@@ -237,9 +166,15 @@ def _compiled_engine(name: str) -> Callable[[], object]:
     return make
 
 
+def _triton_engine() -> object:
+    from ._triton_engine import TritonEngine  # imports Triton
+
+    return TritonEngine()
+
+
 _ENGINE_FACTORIES: dict[str, Callable[[], object]] = {
     "reference": ReferenceEngine,
-    "triton": TritonEngine,
+    "triton": _triton_engine,
     "cpu": _compiled_engine("cpu"),
     "cuda": _compiled_engine("cuda"),
 }

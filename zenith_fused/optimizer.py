@@ -307,7 +307,19 @@ class ZenithFused(Optimizer):
         zenith = state_dict.pop("zenith", None)
         if zenith is not None:
             _check_zenith_entry(zenith, self.window_size)
+        # torch casts every per-parameter state tensor to a floating parameter's dtype; a step
+        # count in bfloat16 would stop being exact after 256 steps, so the counters bypass that.
+        momentum_steps = {}
+        state_dict["state"] = {index: dict(entry) for index, entry in state_dict["state"].items()}
+        for index, entry in state_dict["state"].items():
+            if "momentum_step" in entry:
+                momentum_steps[index] = entry.pop("momentum_step")
         super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for index, p in zip(saved_ids, params):
+            if index in momentum_steps:
+                self.state[p]["momentum_step"] = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
         fresh = ZenithHistory.zeros(self.window_size, self._history.device)
         for name in _HISTORY_FIELDS:
             target = getattr(fresh, name)
