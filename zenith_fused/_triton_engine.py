@@ -116,6 +116,14 @@ def _aligned(n: int, buffered: Sequence[int], values: Sequence[Tensor]) -> list[
     return out
 
 
+def _table(engine, params, grads, buffered, momentum_buffers, momentum_steps, hyperparam_slots, chunk_size):
+    n = len(params)
+    return engine.table(
+        params, grads, _aligned(n, buffered, momentum_buffers), _aligned(n, buffered, momentum_steps),
+        hyperparam_slots, chunk_size,
+    )
+
+
 def _num_chunks(params: Sequence[Tensor], chunk_size: int) -> int:
     return sum(max(1, -(-p.numel() // chunk_size)) for p in params)
 
@@ -132,13 +140,10 @@ def _sq_norm_partials_op(
     momentum_steps: list[Tensor],
     hyperparam_slots: list[int],
 ) -> Tensor:
-    n = len(params)
-    table = _ENGINES[engine].table(
-        params, grads, _aligned(n, buffered, momentum_buffers), _aligned(n, buffered, momentum_steps),
-        hyperparam_slots, chunk_size,
-    )
+    owner = _ENGINES[engine]
+    table = _table(owner, params, grads, buffered, momentum_buffers, momentum_steps, hyperparam_slots, chunk_size)
     out = torch.empty(table.num_chunks, dtype=torch.float32, device=params[0].device)
-    return _ENGINES[engine]._kernels.sq_norm_partials(table, params[0].dtype, out, block_size=block_size)
+    return owner._kernels.sq_norm_partials(table, params[0].dtype, out, block_size=block_size)
 
 
 @_sq_norm_partials_op.register_fake
@@ -200,12 +205,8 @@ def _momentum_update_op(
     grad_multiplier: Tensor,
     has_momentum: bool,
 ) -> None:
-    n = len(params)
     owner = _ENGINES[engine]
-    table = owner.table(
-        params, grads, _aligned(n, buffered, momentum_buffers), _aligned(n, buffered, momentum_steps),
-        hyperparam_slots, chunk_size,
-    )
+    table = _table(owner, params, grads, buffered, momentum_buffers, momentum_steps, hyperparam_slots, chunk_size)
     owner._kernels.momentum_update(
         table, params[0].dtype, hyperparams, lr_scale=lr_scale, step=step, step_applied=step_applied,
         grad_multiplier=grad_multiplier, has_momentum=has_momentum, block_size=block_size,
