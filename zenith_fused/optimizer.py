@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _distributed
 from ._engines import BACKENDS, Bucket, StepView, make_engine, resolve_backend
 from .reference import GroupHyperparams, StepInputs, ZenithHistory
 
@@ -53,6 +54,12 @@ class ZenithFused(Optimizer):
             kernels when built; the reference otherwise), ``"triton"``, ``"cpu"`` or ``"cuda"``
             (the compiled kernels of ``csrc/``), or ``"reference"`` (readable PyTorch). An explicit
             backend that cannot run raises ``RuntimeError`` with the reason.
+        process_group (ProcessGroup, keyword-only): for parameters sharded by the user, not by
+            FSDP: the squared gradient norm of the plain-tensor (non-DTensor) parameters is summed
+            over this group with ``dist.all_reduce``, as if each rank held a disjoint part of one
+            model. Leave it None (default) for a single process and under DDP, whose ranks hold the
+            whole gradient. DTensor parameters (FSDP2, HSDP) need no argument: their norm is summed
+            over the mesh dimensions they are sharded on.
 
     After every ``step()``, ``grad_norm``, ``lr_scale`` and ``skipped_steps`` are 0-dim tensors on
     the first parameter's device; reading them as numbers (or :meth:`stats`) is the only moment the
@@ -70,6 +77,9 @@ class ZenithFused(Optimizer):
     Note:
         As in the paper, the history is global: one window and one maximum for the whole
         optimizer. The momentum update is exactly ``torch.optim.SGD``'s at ``lr * lr_scale``.
+        Under FSDP2 every rank holds the same history and skips the same steps; checkpoint it with
+        :func:`zenith_fused.get_optimizer_state_dict` / :func:`zenith_fused.set_optimizer_state_dict`
+        (torch's helpers of those names drop the ``"zenith"`` entry).
     """
 
     # GradScaler hands over its scale and inf flag (``self.grad_scale`` / ``self.found_inf``)
@@ -89,6 +99,7 @@ class ZenithFused(Optimizer):
         window_size: int = 100,
         max_grad_norm: float | None = None,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"Invalid window_size value: {window_size}")
@@ -96,7 +107,11 @@ class ZenithFused(Optimizer):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        _distributed.check_process_group(process_group)
         self.window_size = window_size
+        self.process_group = process_group
+        self._sharding: _distributed.ShardingPlan | None = None
+        self._sharding_groups = -1  # how many param groups the plan was made for
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self._engines: dict[str, Any] = {}
@@ -112,6 +127,7 @@ class ZenithFused(Optimizer):
         super().__init__(params, defaults)
         first = self.param_groups[0]["params"][0]
         self._history = ZenithHistory.zeros(window_size, first.device)
+        self._sharding_plan()  # a parameter ZENITH cannot shard (a Partial DTensor) raises now
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -190,23 +206,39 @@ class ZenithFused(Optimizer):
         return self._history
 
     # ------------------------------------------------------------------ step
-    def _checked_groups(self) -> list[tuple[GroupHyperparams, list[Tensor]]]:
+    def _sharding_plan(self) -> _distributed.ShardingPlan | None:
+        """None unless some parameter is a DTensor or a process_group was given; remade only when
+        a parameter group is added."""
+        if self._sharding_groups != len(self.param_groups):
+            self._sharding = _distributed.sharding_plan(self.param_groups, self.process_group)
+            self._sharding_groups = len(self.param_groups)
+        return self._sharding
+
+    def _checked_groups(
+        self, sharding: _distributed.ShardingPlan | None
+    ) -> list[tuple[GroupHyperparams, list[Tensor]]]:
         """Each group's hyper-parameters and its parameters with a gradient, all validated first,
         so that a step that raises has changed nothing."""
+        local = sharding is not None and sharding.has_dtensors
         checked = []
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             for p in with_grad:
                 if p.grad.is_sparse:
                     raise RuntimeError("ZenithFused does not support sparse gradients")
+                # The kernels see a DTensor's local shard, so its layout is the one to check.
+                param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
                 if self._backend_for(p.device, p.dtype) != "reference":
-                    _check_layout(p)
+                    _check_layout(param, grad)
             checked.append((_group_hyperparams(group), with_grad))
         return checked
 
-    def _gather_buckets(self) -> dict[tuple[torch.device, torch.dtype], Bucket]:
+    def _gather_buckets(
+        self, sharding: _distributed.ShardingPlan | None
+    ) -> dict[tuple[torch.device, torch.dtype], Bucket]:
         buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
-        for hyperparams, params in self._checked_groups():
+        local = sharding is not None and sharding.has_dtensors
+        for hyperparams, params in self._checked_groups(sharding):
             slot_of_bucket: dict[tuple[torch.device, torch.dtype], int] = {}
             for p in params:
                 key = (p.device, p.dtype)
@@ -216,10 +248,13 @@ class ZenithFused(Optimizer):
                 if key not in slot_of_bucket:
                     slot_of_bucket[key] = len(bucket.hyperparams)
                     bucket.hyperparams.append(hyperparams)
-                bucket.params.append(p)
-                bucket.grads.append(p.grad)
-                bucket.hyperparam_slots.append(slot_of_bucket[key])
+                grad = p.grad
                 buf, buf_step = self._momentum_state(p) if hyperparams.momentum != 0 else (None, None)
+                if local:  # the kernels update a DTensor's shard in place, through its local tensor
+                    p, grad, buf = sharding.local(p), sharding.local(grad), sharding.local(buf)
+                bucket.params.append(p)
+                bucket.grads.append(grad)
+                bucket.hyperparam_slots.append(slot_of_bucket[key])
                 bucket.momentum_buffers.append(buf)
                 bucket.momentum_steps.append(buf_step)
         return buckets
@@ -232,6 +267,8 @@ class ZenithFused(Optimizer):
             state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["momentum_step"] = torch.zeros((), dtype=torch.int64, device=p.device)
         else:
+            if self._sharding is not None and self._sharding.has_dtensors:
+                self._sharding.check_momentum_buffer(p, buf)
             if buf.stride() != p.stride():
                 # The fused kernels index parameter and buffer alike (a loaded buffer may differ).
                 state["momentum_buffer"] = buf = torch.empty_like(p).copy_(buf)
@@ -248,16 +285,26 @@ class ZenithFused(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        buckets = self._gather_buckets()
-        if not buckets:
+        sharding = self._sharding_plan()
+        buckets = self._gather_buckets(sharding)
+        # A rank without local gradients still joins the other ranks' norm reduction.
+        if not buckets and (sharding is None or not sharding.communicates):
             return loss
 
         history = self._history
-        partials = []
-        for key, bucket in buckets.items():
-            engine = self._engine(self._backend_for(*key))
-            partials.append(engine.sq_norm_partials(bucket).to(history.device, non_blocking=True))
-        sq_norm_partials = partials[0] if len(partials) == 1 else torch.cat(partials)
+        if sharding is not None and sharding.shared is None:
+            sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, history.device)
+        else:
+            partials = []
+            for key, bucket in buckets.items():
+                engine = self._engine(self._backend_for(*key))
+                partials.append(engine.sq_norm_partials(bucket).to(history.device, non_blocking=True))
+            if not partials:
+                partials.append(torch.zeros(1, dtype=torch.float32, device=history.device))
+            sq_norm_partials = partials[0] if len(partials) == 1 else torch.cat(partials)
+            if sharding is not None and sharding.shared:
+                # Sum the shards' squares across ranks, on the device, before the history sees them.
+                sq_norm_partials = sharding.global_sq_norm(sq_norm_partials)
 
         self._engine(self._history_backend(buckets)).update_history(history, sq_norm_partials, self._step_inputs())
 
@@ -289,13 +336,18 @@ class ZenithFused(Optimizer):
 
         ``"zenith"`` = ``{"version": 1, "window_size": W, "step": int64, "norm_window": float32[W],
         "window_max": float32, "skipped_steps": int64, "grad_norm": float32, "lr_scale": float32}``.
+        Under FSDP2 the momentum buffers are DTensors; for ``torch.distributed.checkpoint`` use
+        :func:`zenith_fused.get_optimizer_state_dict`.
         """
         state = super().state_dict()
+        state["zenith"] = self._history_entry()
+        return state
+
+    def _history_entry(self) -> dict[str, Any]:
         zenith = {"version": STATE_VERSION, "window_size": self.window_size}
         for name in _HISTORY_FIELDS:
             zenith[name] = getattr(self._history, name).clone()
-        state["zenith"] = zenith
-        return state
+        return zenith
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from any backend of ZenithFused, or a torch.optim.SGD one.
@@ -320,6 +372,10 @@ class ZenithFused(Optimizer):
         for index, p in zip(saved_ids, params):
             if index in momentum_steps:
                 self.state[p]["momentum_step"] = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
+        self._load_history(zenith)
+
+    def _load_history(self, zenith: dict[str, Any] | None) -> None:
+        """Set the history from a checked ``"zenith"`` entry, or to a fresh one for None."""
         fresh = ZenithHistory.zeros(self.window_size, self._history.device)
         for name in _HISTORY_FIELDS:
             target = getattr(fresh, name)
@@ -332,7 +388,7 @@ class ZenithFused(Optimizer):
         state = super().__getstate__()
         state.update(
             window_size=self.window_size, max_grad_norm=self.max_grad_norm, backend=self.backend,
-            _history=self._history,
+            _history=self._history, process_group=self.process_group,
         )
         return state
 
@@ -341,6 +397,8 @@ class ZenithFused(Optimizer):
         self.__dict__.setdefault("_engines", {})
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("_bucket_backends", {})
+        self.__dict__.setdefault("process_group", None)
+        self._sharding, self._sharding_groups = None, -1
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("nesterov", False)
@@ -393,9 +451,10 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _check_layout(p: Tensor) -> None:
+def _check_layout(p: Tensor, g: Tensor) -> None:
     """The fused kernels walk storage linearly: parameter and gradient must share one layout."""
-    g = p.grad
+    if p.is_contiguous() and g.is_contiguous():  # the common case, cheap enough for every step
+        return
     if p.numel() > 1 and not (g.stride() == p.stride() and _is_dense(p)):
         raise RuntimeError(
             f"ZenithFused's fused kernels need each parameter dense (contiguous or channels-last) "
