@@ -262,6 +262,9 @@ class ZenithFused(Optimizer):
     def _momentum_state(self, p: Tensor) -> tuple[Tensor, Tensor]:
         state = self.state[p]
         buf = state.get("momentum_buffer")
+        buf_step = state.get("momentum_step")
+        if buf_step is not None and buf is not None and self._sharding is None:
+            return buf, buf_step  # every step after the first: nothing to create or check
         if buf is None:
             # A zero buffer marked "never filled": the first applied step sets it to d.
             state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -372,6 +375,10 @@ class ZenithFused(Optimizer):
         for index, p in zip(saved_ids, params):
             if index in momentum_steps:
                 self.state[p]["momentum_step"] = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
+            buf = self.state[p].get("momentum_buffer") if p in self.state else None
+            if buf is not None and buf.stride() != p.stride():
+                # The fused kernels index parameter and buffer alike; a saved buffer may differ.
+                self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         self._load_history(zenith)
 
     def _load_history(self, zenith: dict[str, Any] | None) -> None:
