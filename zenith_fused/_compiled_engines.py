@@ -50,14 +50,7 @@ class _CompiledEngine:
         found_inf = None if inputs.found_inf is None else inputs.found_inf.to(torch.float32)
         self._update_history(
             sq_norm_partials,
-            history.step,
-            history.norm_window,
-            history.window_max,
-            history.skipped_steps,
-            history.grad_norm,
-            history.lr_scale,
-            history.step_applied,
-            history.grad_multiplier,
+            *history.kernel_tensors(),
             grad_scale,
             found_inf,
             inputs.max_grad_norm,

@@ -49,14 +49,7 @@ class TritonEngine:
     def update_history(self, history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
         torch.ops.zenith_fused.triton_update_history(
             sq_norm_partials,
-            history.step,
-            history.norm_window,
-            history.window_max,
-            history.skipped_steps,
-            history.grad_norm,
-            history.lr_scale,
-            history.step_applied,
-            history.grad_multiplier,
+            *history.kernel_tensors(),
             inputs.grad_scale,
             inputs.found_inf,
             inputs.max_grad_norm,

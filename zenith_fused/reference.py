@@ -74,6 +74,13 @@ class ZenithHistory:
             grad_multiplier=torch.ones((), dtype=torch.float32, device=device),
         )
 
+    def kernel_tensors(self) -> tuple[Tensor, ...]:
+        """The history in the argument order of every backend's history kernel."""
+        return (
+            self.step, self.norm_window, self.window_max, self.skipped_steps,
+            self.grad_norm, self.lr_scale, self.step_applied, self.grad_multiplier,
+        )
+
     @property
     def window_size(self) -> int:
         return self.norm_window.numel()
