@@ -210,7 +210,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
         loss_sum += F.cross_entropy(logits, y[i:i + EVAL_BATCH], reduction="sum")
         correct += (logits.argmax(dim=1) == y[i:i + EVAL_BATCH]).sum()
     model.train()
-    both = torch.stack([loss_sum / len(y), correct.to(loss_sum.dtype) / len(y)]).tolist()
+    both = torch.stack([loss_sum / len(y), correct.to(loss_sum.dtype) / len(y)]).tolist()  # sync-ok: once per evaluation
     return both[0], both[1]
 
 
@@ -273,7 +273,7 @@ def train_run(method: str, splits: Splits, cfg: TrainConfig, init_state: dict[st
         val_loss, _ = evaluate(model, splits.x_val, splits.y_val)
         if method == "sgd-plateau":
             scheduler.step(val_loss)
-        epoch_loss = train_loss[step - steps_per_epoch:step].mean().item()
+        epoch_loss = train_loss[step - steps_per_epoch:step].mean().item()  # sync-ok: once per epoch
         for key, value in (("epoch", epoch), ("step", step), ("test_loss", test_loss),
                            ("test_accuracy", test_acc), ("val_loss", val_loss), ("train_loss", epoch_loss)):
             epochs[key].append(value)
@@ -287,14 +287,14 @@ def train_run(method: str, splits: Splits, cfg: TrainConfig, init_state: dict[st
 
     accs = epochs["test_accuracy"][1:]
     best = max(range(len(accs)), key=lambda i: accs[i])  # the first epoch reaching the best
-    scales = lr_scale.tolist()
+    scales = lr_scale.tolist()  # sync-ok: after training
     result: dict[str, Any] = {
         "method": method,
         "seed": seed,
         "optimizer": type(opt).__module__ + "." + type(opt).__qualname__,
         "steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
-        "train_loss": train_loss.tolist(),
+        "train_loss": train_loss.tolist(),  # sync-ok: after training
         "effective_lr": [lr * s for lr, s in zip(host_lr, scales)],
         "epochs": epochs,
         "final_test_accuracy": accs[-1],
