@@ -25,6 +25,9 @@ State layout shared by every backend (see :class:`ZenithHistory`):
 * history: ``step`` (int64), ``norm_window`` (float32, ``W``), ``window_max`` (float32),
   ``skipped_steps`` (int64), ``grad_norm`` (float32), ``lr_scale`` (float32), and the transient
   ``step_applied`` (int32, 1 when the last step was finite).
+Arithmetic is float32 for float32, float16 and bfloat16 tensors and float64 for float64 tensors
+(:func:`compute_dtype`); every kernel follows the same rule.
+
 * per parameter, when momentum != 0: ``momentum_buffer`` (parameter dtype) and
   ``momentum_step`` (int64 0-dim): 0 while the buffer has never been filled, else the history step
   ``t`` at which it was first filled (-1 when it was filled before the current history started,
@@ -39,13 +42,28 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HISTORY_FIELDS",
     "ZenithHistory",
+    "compute_dtype",
     "GroupHyperparams",
     "StepInputs",
     "squared_norm_partials",
     "update_history",
     "momentum_update",
 ]
+
+
+# The history tensors in the one order every backend's history kernel takes them (the Triton
+# launcher, both C++ bindings and their op schema receive them as one list in this order).
+HISTORY_FIELDS = (
+    "step", "norm_window", "window_max", "skipped_steps", "grad_norm", "lr_scale", "step_applied", "grad_multiplier",
+)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ZENITH's update computes in for tensors of ``dtype``: float64 stays float64,
+    everything else is computed in float32 and rounded to its own dtype once, at the store."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -74,12 +92,15 @@ class ZenithHistory:
             grad_multiplier=torch.ones((), dtype=torch.float32, device=device),
         )
 
-    def kernel_tensors(self) -> tuple[Tensor, ...]:
-        """The history in the argument order of every backend's history kernel."""
-        return (
-            self.step, self.norm_window, self.window_max, self.skipped_steps,
-            self.grad_norm, self.lr_scale, self.step_applied, self.grad_multiplier,
-        )
+    def kernel_tensors(self) -> list[Tensor]:
+        """The history as the one list every backend's history kernel takes (``HISTORY_FIELDS``)."""
+        return [getattr(self, name) for name in HISTORY_FIELDS]
+
+    def to(self, device: torch.device) -> "ZenithHistory":
+        """The same history on ``device`` (``self`` when it is there already)."""
+        if device == self.device:
+            return self
+        return ZenithHistory(*(getattr(self, name).to(device) for name in HISTORY_FIELDS))
 
     @property
     def window_size(self) -> int:
@@ -183,20 +204,31 @@ def momentum_update(
 
     ``hyperparams[i]`` belongs to ``params[i]``; ``step`` is ``t`` after this step's increment;
     the gradients are used as ``g * grad_multiplier`` (unscaled and clipped).
-    Arithmetic is float32 and each tensor is rounded to its own dtype once, at the store.
+    Arithmetic is in :func:`compute_dtype` (float32, or float64 for float64 tensors), with the
+    hyper-parameters rounded to it, and each tensor is rounded to its own dtype once, at the store.
     """
     applied = step_applied.to(torch.bool)
     for p, g, buf, buf_step, hp in zip(params, grads, momentum_buffers, momentum_steps, hyperparams):
-        d = g.to(torch.float32) * grad_multiplier
+        dtype = compute_dtype(p.dtype)
+        # lr in the compute dtype, times the float32 scale: one rounding, whatever lr's own type.
+        step_lr = torch.as_tensor(hp.lr).to(device=p.device, dtype=dtype).reshape(()) * lr_scale.to(dtype)
+        d = g.to(dtype) * grad_multiplier.to(dtype)
         if hp.maximize:
             d = -d
         if hp.weight_decay != 0:
-            d = d + hp.weight_decay * p.to(torch.float32)
+            d = d + _scalar(hp.weight_decay, dtype) * p.to(dtype)
         if hp.momentum != 0:
             first = (buf_step == 0) | (buf_step == step)
-            new_buf = torch.where(first, d, hp.momentum * buf.to(torch.float32) + (1 - hp.dampening) * d)
-            buf.copy_(torch.where(applied, new_buf, buf.to(torch.float32)))
+            new_buf = torch.where(
+                first, d, _scalar(hp.momentum, dtype) * buf.to(dtype) + _scalar(1 - hp.dampening, dtype) * d
+            )
+            buf.copy_(torch.where(applied, new_buf, buf.to(dtype)))
             buf_step.copy_(torch.where(applied & (buf_step == 0), step, buf_step))
-            d = d + hp.momentum * new_buf if hp.nesterov else new_buf
-        new_p = p.to(torch.float32) - (hp.lr * lr_scale) * d
-        p.copy_(torch.where(applied, new_p, p.to(torch.float32)))
+            d = d + _scalar(hp.momentum, dtype) * new_buf if hp.nesterov else new_buf
+        new_p = p.to(dtype) - step_lr * d
+        p.copy_(torch.where(applied, new_p, p.to(dtype)))
+
+
+def _scalar(value: float, dtype: torch.dtype) -> float:
+    """A hyper-parameter as the kernels hold it: rounded to float32 for float32 arithmetic."""
+    return value if dtype == torch.float64 else float(torch.tensor(value, dtype=torch.float32))

@@ -1,0 +1,116 @@
+"""The tables one kernel launch walks: every fused backend (Triton, CUDA C++, CPU C++) reads these.
+
+Built on the host by the step plan when the tensors change, copied once to the bucket's device, and
+reused by every step while the tensors stay where they are:
+
+* ``tensors`` int64 ``[N, TENSOR_COLUMNS]``: per tensor, the addresses of the parameter, the
+  gradient, the momentum buffer and the momentum step counter, its element count, and the row of
+  its parameter group in the hyper-parameter table.
+* ``chunks`` int64 ``[C, 2]``: per program (CUDA block, CPU work item), the tensor it works on
+  and the first element of its chunk. Each tensor is cut into ``max(1, ceil(numel / chunk_size))``
+  chunks: an empty tensor still gets one (empty) chunk, so that its momentum step is recorded.
+  The squared-norm partial of chunk ``c`` goes to slot ``c``.
+* ``hyperparams`` float32 ``[G, HYPERPARAM_COLUMNS]``: per parameter group, (lr, momentum,
+  1 - dampening, weight_decay, nesterov, maximize).
+* ``lr_ptrs`` int64 ``[G]``: per group, the address of the float32 scalar the kernels read as the
+  group's ``lr``: its own ``hyperparams[g, LR]`` for a float lr (rewritten by an asynchronous copy
+  when a scheduler changes it), or the user's float32 tensor ``lr`` itself, which the kernels read
+  at every step with no host work at all.
+
+A tensor without a momentum buffer gets its own parameter as a stand-in buffer address and a
+placeholder step counter: kernels never touch either (its group's momentum is 0), but every
+address in the table stays valid.
+
+The column numbers are plain ints here (no Triton import: the CPU backend needs none);
+``zenith_fused.triton_kernels.table`` re-exports them as ``tl.constexpr`` and ``csrc/common.h``
+repeats them for C++.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# Columns of ``tensors``.
+PARAM, GRAD, MOMENTUM_BUFFER, MOMENTUM_STEP, NUMEL, HYPERPARAM_SLOT = range(6)
+TENSOR_COLUMNS = 6
+# Columns of ``hyperparams``.
+LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = range(6)
+HYPERPARAM_COLUMNS = 6
+# Every fused kernel's vector loads need this alignment of each tensor's start; chunk sizes are
+# multiples of 16 elements, so every chunk then starts aligned too.
+VECTOR_ALIGNMENT = 16
+
+
+@dataclass
+class TensorTable:
+    """The tables of one (device, dtype) bucket, on the bucket's device."""
+
+    tensors: Tensor  # int64 [N, TENSOR_COLUMNS]
+    chunks: Tensor  # int64 [C, 2]
+    num_tensors: int
+    num_chunks: int
+    chunk_size: int
+    # Every parameter, gradient and momentum buffer starts on a VECTOR_ALIGNMENT-byte boundary:
+    # the kernels may then use their unmasked, vectorized main loop.
+    aligned: bool
+    has_momentum: bool  # some tensor has a momentum buffer
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the device."""
+    if device.type == "cpu":
+        return host
+    # Pinned memory makes the copy asynchronous; the caching host allocator keeps the staging
+    # buffer alive until the copy has run.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def build_tensor_table(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    momentum_steps: Sequence[Tensor | None],
+    hyperparam_slots: Sequence[int],
+    *,
+    chunk_size: int,
+    placeholder_step: Tensor,
+) -> TensorTable:
+    """The tables for one (device, dtype) bucket; the caller keeps the tensors alive."""
+    device = placeholder_step.device
+    rows = []
+    chunk_rows = []
+    aligned = True
+    for index, (p, g, buf, buf_step, slot) in enumerate(
+        zip(params, grads, momentum_buffers, momentum_steps, hyperparam_slots)
+    ):
+        numel = p.numel()
+        buf_ptr = p.data_ptr() if buf is None else buf.data_ptr()
+        rows.append((
+            p.data_ptr(),
+            g.data_ptr(),
+            buf_ptr,
+            placeholder_step.data_ptr() if buf_step is None else buf_step.data_ptr(),
+            numel,
+            slot,
+        ))
+        aligned = aligned and (p.data_ptr() | g.data_ptr() | buf_ptr) % VECTOR_ALIGNMENT == 0
+        chunk_rows.extend((index, start) for start in range(0, max(numel, 1), chunk_size))
+    host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, TENSOR_COLUMNS)
+    host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2)
+    return TensorTable(
+        tensors=upload(host_tensors, device),
+        chunks=upload(host_chunks, device),
+        num_tensors=len(rows),
+        num_chunks=len(chunk_rows),
+        chunk_size=chunk_size,
+        aligned=aligned,
+        has_momentum=any(b is not None for b in momentum_buffers),
+    )
+
+
+def num_chunks(numels: Sequence[int], chunk_size: int) -> int:
+    """How many chunks (and squared-norm partials) a table of tensors of these sizes has."""
+    return sum(max(1, -(-n // chunk_size)) for n in numels)
