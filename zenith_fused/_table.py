@@ -114,3 +114,26 @@ def build_tensor_table(
 def num_chunks(numels: Sequence[int], chunk_size: int) -> int:
     """How many chunks (and squared-norm partials) a table of tensors of these sizes has."""
     return sum(max(1, -(-n // chunk_size)) for n in numels)
+
+
+def hyperparam_table(
+    rows: Sequence[Sequence[float]], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(hyperparams, lr_ptrs)`` on ``device`` for ``rows`` of (lr, momentum, 1 - dampening,
+    weight_decay, nesterov, maximize), one per group, with every ``lr_ptrs[g]`` pointing at the
+    table's own ``hyperparams[g, LR]``. ``dtype`` is the compute dtype (float32 or float64).
+
+    The caller may then point a group's ``lr_ptrs`` entry at a tensor ``lr`` of the same dtype on
+    the same device (:func:`lr_address`), and must keep that tensor alive.
+    """
+    host = torch.tensor([list(r) for r in rows], dtype=dtype).reshape(-1, HYPERPARAM_COLUMNS)
+    hyperparams = upload(host, device)
+    row_bytes = HYPERPARAM_COLUMNS * hyperparams.element_size()
+    base = hyperparams.data_ptr() + LR * hyperparams.element_size()
+    lr_ptrs = upload(torch.tensor([base + g * row_bytes for g in range(len(host))], dtype=torch.int64), device)
+    return hyperparams, lr_ptrs
+
+
+def lr_address(hyperparams: Tensor, group: int) -> int:
+    """The address of ``hyperparams[group, LR]``."""
+    return hyperparams[group, LR].data_ptr()
