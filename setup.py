@@ -83,7 +83,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["zenith_fused", "zenith_fused.triton_kernels"],
+    packages=["zenith_fused", "zenith_fused.train", "zenith_fused.triton_kernels"],
     # The top-level triton_kernels/ folder installs under our namespace: a bare
     # ``triton_kernels`` module already belongs to other projects.
     package_dir={"zenith_fused.triton_kernels": "triton_kernels"},

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from zenith_fused import _train_data as data
-from zenith_fused import train
+from zenith_fused.train import cli as train
+from zenith_fused.train import data
 from zenith_fused.optimizer import ZenithFused
 
 CHANCE = 0.1  # ten classes

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._train_data import DATASETS, Splits, load_dataset
-from .optimizer import ZenithFused
+from zenith_fused import ZenithFused
+
+from .data import DATASETS, Splits, load_dataset
 
 __all__ = ["main", "run", "TrainConfig", "SmallConvNet", "METHODS", "train_run", "run_comparison"]
 
@@ -375,7 +376,7 @@ def _resolve_device(name: str, parser: argparse.ArgumentParser) -> str:
 def _check_backend(cfg: TrainConfig, parser: argparse.ArgumentParser) -> str:
     """Fail before training when ZenithFused cannot run ``--backend`` on ``--device``; else return
     the backend it runs (what ``auto`` chose), for the record."""
-    from ._engines import resolve_backend
+    from zenith_fused._engines import resolve_backend
 
     probe = torch.zeros(1, device=cfg.device, requires_grad=True)
     try:
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run the comparison, write the outputs; returns what ``results.json`` holds."""
-    from . import _train_report as report
+    from . import report
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -477,7 +478,3 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report.write_outputs(results, table, out)
     print(f"wrote {out / 'results.json'}, {out / 'curves.png'}, {out / 'table.md'}")
     return results
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The training command, ``python -m zenith_fused.train`` or ``zenith-train``.
+
+It lives apart from the optimizer: ``import zenith_fused`` imports nothing of it, and it uses
+``ZenithFused`` through the public API only. Importing this package needs only torch; the command
+itself needs the ``[train]`` extra, which :func:`main` checks before anything else.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+__all__ = ["main", "missing_extras"]
+
+# What every mode of the command imports; scikit-learn only the digits data set (checked there).
+EXTRA_MODULES = ("numpy", "matplotlib", "tqdm")
+INSTALL_HINT = "pip install 'zenith-fused[train]'"
+
+
+def missing_extras(modules: Sequence[str] = EXTRA_MODULES) -> list[str]:
+    """The modules among ``modules`` that cannot be imported here."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2 when the ``[train]`` extra is missing)."""
+    missing = missing_extras()
+    if missing:
+        print(f"zenith-train needs {', '.join(missing)}, which the [train] extra installs: {INSTALL_HINT}",
+              file=sys.stderr)
+        return 2
+    from .cli import run
+
+    run(argv)
+    return 0
