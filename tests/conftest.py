@@ -15,12 +15,11 @@ def small_chunks(monkeypatch):
     from zenith_fused._engines import resolve_backend
     from zenith_fused._triton_engine import TritonEngine
 
-    monkeypatch.setattr(TritonEngine, "chunk_size", 256)
-    monkeypatch.setattr(TritonEngine, "block_size", 64)
+    monkeypatch.setattr(TritonEngine, "chunk_elements", 256)
     try:
         resolve_backend("cpu", torch.device("cpu"))
     except RuntimeError:
         return
     from zenith_fused._compiled_engines import CpuEngine
 
-    monkeypatch.setattr(CpuEngine, "chunk_size", 256)
+    monkeypatch.setattr(CpuEngine, "chunk_elements", 256)

@@ -1,5 +1,5 @@
 """zenith-fused: ZENITH (momentum SGD scaled by its gradient-norm history) as a fused optimizer."""
-from ._distributed import get_optimizer_state_dict, set_optimizer_state_dict
+from ._checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
 from .optimizer import ZenithFused
 from .reference import ZenithHistory
 

@@ -1,12 +1,10 @@
-"""Engines over the compiled operators of ``csrc/`` (``torch.ops.zenith_fused``, see ``_ext.py``).
-
-The same three methods as :class:`zenith_fused._triton_engine.TritonEngine`, one operator call each for
-a whole (device, dtype) bucket, every parameter group included:
+"""The compiled backends: the operators of ``csrc/`` (``torch.ops.zenith_fused``, see ``_ext.py``)
+on a plan's bucket, one operator call per step each, whatever the number of tensors.
 
 * ``CpuEngine``: C++ over ``at::vec::Vectorized`` (the AVX512, AVX2 or baseline build, as ATen
   picks its own), chunks spread over ATen's intra-op threads.
-* ``CudaEngine``: multi-tensor CUDA kernels; the history lives on the device and the host never
-  reads it.
+* ``CudaEngine``: CUDA kernels that read the plan's tables from device memory, one launch per
+  operator; the history lives on the device and the host never reads it.
 
 The math of every operator is ``zenith_fused/reference.py``'s; the squared-norm partials are one
 per chunk of ``chunk_size`` elements, so they do not depend on the number of threads.
@@ -17,15 +15,15 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._engines import Bucket, HyperparamTables, StepView
-from .reference import StepInputs, ZenithHistory
+from .reference import StepInputs
 
 __all__ = ["CpuEngine", "CudaEngine"]
 
 
 class _CompiledEngine:
     name: str
-    chunk_size: int
+    uses_table = True
+    chunk_elements: int
 
     def __init__(self) -> None:
         reason = _ext.unavailable_reason(self.name)
@@ -37,38 +35,22 @@ class _CompiledEngine:
         self._sq_norm_partials = ops.sq_norm_partials.default
         self._update_history = ops.update_history.default
         self._momentum_update = ops.momentum_update.default
-        self._hyperparams = HyperparamTables()
 
-    def sq_norm_partials(self, bucket: Bucket) -> Tensor:
-        return self._sq_norm_partials(bucket.grads, self.chunk_size)
+    def chunk_size(self, device: torch.device) -> int:
+        return self.chunk_elements
 
-    def update_history(
-        self, history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()
-    ) -> None:
-        # The kernels read GradScaler's tensors as float32, as the reference converts them.
-        grad_scale = None if inputs.grad_scale is None else inputs.grad_scale.to(torch.float32)
-        found_inf = None if inputs.found_inf is None else inputs.found_inf.to(torch.float32)
-        self._update_history(
-            sq_norm_partials,
-            *history.kernel_tensors(),
-            grad_scale,
-            found_inf,
-            inputs.max_grad_norm,
-        )
+    def sq_norm_partials(self, bucket) -> None:
+        table = bucket.table
+        self._sq_norm_partials(table.tensors, table.chunks, bucket.dtype, table.chunk_size, bucket.partials)
 
-    def momentum_update(self, bucket: Bucket, view: StepView) -> None:
+    def update_history(self, sq_norm_partials: Tensor, history: list[Tensor], inputs: StepInputs) -> None:
+        self._update_history(sq_norm_partials, history, inputs.grad_scale, inputs.found_inf, inputs.max_grad_norm)
+
+    def momentum_update(self, bucket, view) -> None:
+        table = bucket.table
         self._momentum_update(
-            bucket.params,
-            bucket.grads,
-            bucket.momentum_buffers,
-            bucket.momentum_steps,
-            self._hyperparams.get(bucket),
-            bucket.hyperparam_slots,
-            view.lr_scale,
-            view.step,
-            view.step_applied,
-            view.grad_multiplier,
-            self.chunk_size,
+            table.tensors, table.chunks, bucket.dtype, table.chunk_size, table.has_momentum,
+            bucket.hyperparams, bucket.lr_ptrs, view.lr_scale, view.step, view.step_applied, view.grad_multiplier,
         )
 
 
@@ -78,12 +60,13 @@ class CpuEngine(_CompiledEngine):
     name = "cpu"
     # 128 KiB of float32 per chunk: long enough that per-chunk costs vanish, short enough that a
     # ResNet-50 yields hundreds of chunks to balance over the threads.
-    chunk_size = 32768
+    chunk_elements = 32768
 
 
 class CudaEngine(_CompiledEngine):
-    """The multi-tensor CUDA kernels for CUDA tensors."""
+    """The table-driven CUDA kernels for CUDA tensors."""
 
     name = "cuda"
-    # One block of 512 threads per chunk, 128 elements per thread (PyTorch's multi-tensor size).
-    chunk_size = 65536
+    # One block per chunk: 64 Ki elements keep a block streaming long enough to hide its start-up
+    # while a ResNet-50 still gives hundreds of blocks.
+    chunk_elements = 65536

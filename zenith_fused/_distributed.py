@@ -9,27 +9,21 @@ of those shards is summed with ``dist.all_reduce`` over the mesh dimensions the 
 on the device; the host never reads it. A non-finite shard on one rank makes the sum non-finite on
 every rank, so every rank skips that step.
 
-``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` wrap torch's helpers of the same names
-(``torch.distributed.checkpoint.state_dict``), which keep only ``"state"`` and ``"param_groups"``
-and so would drop the ``"zenith"`` history entry.
+The checkpoint helpers for ``torch.distributed.checkpoint`` are in :mod:`zenith_fused._checkpoint`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import reference
 
-if TYPE_CHECKING:
-    from .optimizer import ZenithFused
-
-__all__ = ["get_optimizer_state_dict", "set_optimizer_state_dict"]
+__all__ = ["ShardingPlan", "check_process_group", "sharding_plan"]
 
 
 def _dtensor_class():
@@ -179,101 +173,3 @@ def sharding_plan(param_groups: list[dict], process_group: Any) -> ShardingPlan 
     kinds = set(groups_of.values())
     shared = next(iter(kinds)) if len(kinds) == 1 else None
     return ShardingPlan(dtensor=dtensor, groups_of=groups_of, reductions=reductions, shared=shared)
-
-
-# ---------------------------------------------------------------------- checkpoints
-def _zenith_optimizer(optimizer: Any) -> "ZenithFused":
-    from .optimizer import ZenithFused
-
-    if not isinstance(optimizer, ZenithFused):
-        raise TypeError(
-            f"zenith_fused's state-dict helpers take one ZenithFused optimizer; got {type(optimizer).__name__} "
-            "(for other optimizers use torch.distributed.checkpoint.state_dict directly)"
-        )
-    return optimizer
-
-
-def _check_options(options: Any) -> None:
-    if options is not None and getattr(options, "broadcast_from_rank0", False):
-        raise ValueError(
-            "StateDictOptions(broadcast_from_rank0=True) is not supported by zenith_fused's "
-            "set_optimizer_state_dict; load a sharded checkpoint with torch.distributed.checkpoint instead"
-        )
-
-
-def _fill_momentum_state(optimizer: "ZenithFused") -> None:
-    """Give every trainable parameter of a momentum group its "never filled" momentum state, the
-    state the first step would create. torch's helpers then find the optimizer initialised and do
-    not run their zero-gradient ``step()`` (which would push a zero norm into ZENITH's history and
-    mark the buffers filled), and a checkpoint holds the same keys whichever parameters have had a
-    gradient, so a fresh optimizer's state dict is a template ``dcp.load`` can fill."""
-    optimizer._sharding_plan()  # the buffer checks need the current plan
-    for group in optimizer.param_groups:
-        if group["momentum"] != 0:
-            for p in group["params"]:
-                if p.requires_grad:
-                    optimizer._momentum_state(p)
-
-
-@contextlib.contextmanager
-def _history_kept(optimizer: "ZenithFused") -> Iterator[None]:
-    """Undo whatever torch's helpers do to the history. With momentum 0 there is no per-parameter
-    state, and torch's ``_init_optim_state`` then calls ``step()`` on zero gradients at lr 0: the
-    parameters stay as they are, but the history would count a step of norm 0."""
-    history = optimizer.history
-    saved = {f.name: getattr(history, f.name).clone() for f in dataclasses.fields(history)}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            getattr(history, name).copy_(value)
-
-
-def get_optimizer_state_dict(
-    model: torch.nn.Module, optimizer: "ZenithFused", *, options: Any = None
-) -> dict[str, Any]:
-    """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` plus the ZENITH history.
-
-    Returns torch's dict (parameters named by their fully qualified names, momentum buffers as
-    DTensors under FSDP2) with ``"zenith"`` added: the optimizer-wide history of
-    :meth:`ZenithFused.state_dict`, plain tensors that are the same on every rank (DCP saves one
-    copy). Every trainable parameter of a momentum group gets its momentum state if it has none
-    yet (zeros, marked never filled: the state the first step would create), so that the dict of a
-    fresh optimizer is the template ``dcp.load`` fills. Call it on every rank.
-    """
-    from torch.distributed.checkpoint import state_dict as torch_state_dict
-
-    optimizer = _zenith_optimizer(optimizer)
-    _check_options(options)
-    _fill_momentum_state(optimizer)
-    with _history_kept(optimizer):
-        state = torch_state_dict.get_optimizer_state_dict(model, optimizer, options=options)
-    zenith = optimizer._history_entry()
-    if options is not None and options.cpu_offload:
-        zenith = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in zenith.items()}  # sync-ok: checkpoint helper, not the step path
-    state["zenith"] = zenith
-    return state
-
-
-def set_optimizer_state_dict(
-    model: torch.nn.Module, optimizer: "ZenithFused", optim_state_dict: dict[str, Any], *, options: Any = None
-) -> None:
-    """``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` plus the ZENITH history.
-
-    Loads what :func:`get_optimizer_state_dict` returned (after ``dcp.load`` filled it); a dict
-    without ``"zenith"`` keeps its momentum buffers and starts a fresh history, as
-    :meth:`ZenithFused.load_state_dict` does. Call it on every rank.
-    """
-    from torch.distributed.checkpoint import state_dict as torch_state_dict
-
-    from .optimizer import _check_zenith_entry
-
-    optimizer = _zenith_optimizer(optimizer)
-    _check_options(options)
-    state = dict(optim_state_dict)
-    zenith = state.pop("zenith", None)
-    if zenith is not None:
-        _check_zenith_entry(zenith, optimizer.window_size)  # before anything changes
-    _fill_momentum_state(optimizer)
-    torch_state_dict.set_optimizer_state_dict(model, optimizer, state, options=options)
-    optimizer._load_history(zenith)

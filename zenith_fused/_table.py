@@ -27,8 +27,9 @@ repeats them for C++.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -117,23 +118,33 @@ def num_chunks(numels: Sequence[int], chunk_size: int) -> int:
 
 
 def hyperparam_table(
-    rows: Sequence[Sequence[float]], dtype: torch.dtype, device: torch.device
+    rows: Sequence[Sequence[float]],
+    dtype: torch.dtype,
+    device: torch.device,
+    lr_addresses: Mapping[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(hyperparams, lr_ptrs)`` on ``device`` for ``rows`` of (lr, momentum, 1 - dampening,
-    weight_decay, nesterov, maximize), one per group, with every ``lr_ptrs[g]`` pointing at the
-    table's own ``hyperparams[g, LR]``. ``dtype`` is the compute dtype (float32 or float64).
-
-    The caller may then point a group's ``lr_ptrs`` entry at a tensor ``lr`` of the same dtype on
-    the same device (:func:`lr_address`), and must keep that tensor alive.
+    weight_decay, nesterov, maximize), one per group. ``dtype`` is the compute dtype (float32 or
+    float64). ``lr_ptrs[g]`` points at ``lr_addresses[g]`` where given (a tensor ``lr`` of that
+    dtype on that device, which the caller keeps alive), else at the table's own ``[g, LR]``.
     """
     host = torch.tensor([list(r) for r in rows], dtype=dtype).reshape(-1, HYPERPARAM_COLUMNS)
     hyperparams = upload(host, device)
+    lr_addresses = lr_addresses or {}
     row_bytes = HYPERPARAM_COLUMNS * hyperparams.element_size()
     base = hyperparams.data_ptr() + LR * hyperparams.element_size()
-    lr_ptrs = upload(torch.tensor([base + g * row_bytes for g in range(len(host))], dtype=torch.int64), device)
-    return hyperparams, lr_ptrs
+    ptrs = [lr_addresses.get(g, base + g * row_bytes) for g in range(len(host))]
+    return hyperparams, upload(torch.tensor(ptrs, dtype=torch.int64), device)
 
 
 def lr_address(hyperparams: Tensor, group: int) -> int:
     """The address of ``hyperparams[group, LR]``."""
     return hyperparams[group, LR].data_ptr()
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch, as ``at::cuda::CUDAGuard`` does in C++: Triton
+    launches on the current device and its current stream, not on the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -1,20 +1,20 @@
 """``ZenithFused``: the torch.optim.Optimizer users construct."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import types
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _distributed
-from ._engines import BACKENDS, Bucket, StepView, make_engine, resolve_backend
-from .reference import GroupHyperparams, StepInputs, ZenithHistory
+from . import _distributed, _traced, reference
+from ._engines import BACKENDS, make_engine, resolve_backend
+from ._plan import BucketPlan, StepPlan, StepView, check_hyperparams, check_layout, group_hyperparams, hyperparam_row
+from ._state import SAVED_HISTORY_FIELDS, STATE_VERSION, check_zenith_entry
+from .reference import StepInputs, ZenithHistory, compute_dtype
 
 __all__ = ["ZenithFused"]
-
-STATE_VERSION = 1
-_HISTORY_FIELDS = ("step", "norm_window", "window_max", "skipped_steps", "grad_norm", "lr_scale")
 
 
 class ZenithFused(Optimizer):
@@ -116,6 +116,7 @@ class ZenithFused(Optimizer):
         self.backend = backend
         self._engines: dict[str, Any] = {}
         self._bucket_backends: dict[tuple[torch.device, torch.dtype], str] = {}
+        self._plan: StepPlan | None = None
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -125,8 +126,10 @@ class ZenithFused(Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][0]
-        self._history = ZenithHistory.zeros(window_size, first.device)
+        # The history moves to the gradients' device when a step plan is built (an optimizer
+        # made before model.cuda() works); until then it sits with the first parameter.
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self._history = ZenithHistory.zeros(window_size, torch.device("cpu") if first is None else first.device)
         self._sharding_plan()  # a parameter ZENITH cannot shard (a Partial DTensor) raises now
 
     # ------------------------------------------------------------------ validation
@@ -137,7 +140,7 @@ class ZenithFused(Optimizer):
                 "optimizer); pass it to ZenithFused(), not in a parameter group"
             )
         group = {**self.defaults, **param_group}
-        _check_hyperparams(group, check_tensor_values=True)
+        check_hyperparams(group, check_tensor_values=True)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
@@ -152,6 +155,7 @@ class ZenithFused(Optimizer):
             if isinstance(p, Tensor):
                 self._backend_for(p.device, p.dtype)  # an explicit backend that can't run raises here
         super().add_param_group(param_group)
+        self._plan = None
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> str:
         key = (device, dtype)
@@ -169,6 +173,11 @@ class ZenithFused(Optimizer):
         return engine
 
     # ------------------------------------------------------------------ public state
+    @property
+    def backends(self) -> Mapping[tuple[torch.device, torch.dtype], str]:
+        """Read-only: the backend that runs each (device, dtype) of this optimizer's parameters."""
+        return types.MappingProxyType(self._bucket_backends)
+
     @property
     def grad_norm(self) -> Tensor:
         """``n_t`` of the last step, float32 0-dim (inf or nan when that step was skipped)."""
@@ -214,71 +223,38 @@ class ZenithFused(Optimizer):
             self._sharding_groups = len(self.param_groups)
         return self._sharding
 
-    def _checked_groups(
-        self, sharding: _distributed.ShardingPlan | None
-    ) -> list[tuple[GroupHyperparams, list[Tensor]]]:
-        """Each group's hyper-parameters and its parameters with a gradient, all validated first,
-        so that a step that raises has changed nothing."""
-        local = sharding is not None and sharding.has_dtensors
-        checked = []
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.is_sparse:
-                    raise RuntimeError("ZenithFused does not support sparse gradients")
-                # The kernels see a DTensor's local shard, so its layout is the one to check.
-                param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
-                if self._backend_for(p.device, p.dtype) != "reference":
-                    _check_layout(param, grad)
-            checked.append((_group_hyperparams(group), with_grad))
-        return checked
-
-    def _gather_buckets(
-        self, sharding: _distributed.ShardingPlan | None
-    ) -> dict[tuple[torch.device, torch.dtype], Bucket]:
-        buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
-        local = sharding is not None and sharding.has_dtensors
-        for hyperparams, params in self._checked_groups(sharding):
-            slot_of_bucket: dict[tuple[torch.device, torch.dtype], int] = {}
-            for p in params:
-                key = (p.device, p.dtype)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = Bucket(device=p.device, dtype=p.dtype)
-                if key not in slot_of_bucket:
-                    slot_of_bucket[key] = len(bucket.hyperparams)
-                    bucket.hyperparams.append(hyperparams)
-                grad = p.grad
-                buf, buf_step = self._momentum_state(p) if hyperparams.momentum != 0 else (None, None)
-                if local:  # the kernels update a DTensor's shard in place, through its local tensor
-                    p, grad, buf = sharding.local(p), sharding.local(grad), sharding.local(buf)
-                bucket.params.append(p)
-                bucket.grads.append(grad)
-                bucket.hyperparam_slots.append(slot_of_bucket[key])
-                bucket.momentum_buffers.append(buf)
-                bucket.momentum_steps.append(buf_step)
-        return buckets
-
     def _momentum_state(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``p``'s momentum buffer and step counter, created ("never filled") at its first step and
+        converted whenever ``p``'s dtype, device or layout has changed since: state follows its
+        parameter, as in torch.optim.SGD."""
         state = self.state[p]
         buf = state.get("momentum_buffer")
         buf_step = state.get("momentum_step")
-        if buf_step is not None and buf is not None and self._sharding is None:
-            return buf, buf_step  # every step after the first: nothing to create or check
         if buf is None:
-            # A zero buffer marked "never filled": the first applied step sets it to d.
             state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["momentum_step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        else:
-            if self._sharding is not None and self._sharding.has_dtensors:
-                self._sharding.check_momentum_buffer(p, buf)
-            if buf.stride() != p.stride():
-                # The fused kernels index parameter and buffer alike (a loaded buffer may differ).
-                state["momentum_buffer"] = buf = torch.empty_like(p).copy_(buf)
-            if "momentum_step" not in state:
-                # A buffer from elsewhere (torch.optim.SGD): filled before this history began.
-                state["momentum_step"] = torch.full((), -1, dtype=torch.int64, device=p.device)
-        return buf, state["momentum_step"]
+            return buf, state["momentum_step"]
+        if self._sharding is not None and self._sharding.has_dtensors:
+            self._sharding.check_momentum_buffer(p, buf)
+        if buf.dtype != p.dtype or buf.device != p.device or buf.shape != p.shape or buf.stride() != p.stride():
+            # The fused kernels index parameter and buffer alike, in the parameter's dtype.
+            state["momentum_buffer"] = buf = torch.empty_like(p).copy_(buf)
+        if buf_step is None:
+            # A buffer from elsewhere (torch.optim.SGD): filled before this history began.
+            buf_step = torch.full((), -1, dtype=torch.int64, device=p.device)
+        elif buf_step.device != p.device or buf_step.dtype != torch.int64:
+            buf_step = buf_step.to(p.device, torch.int64)
+        state["momentum_step"] = buf_step
+        return buf, buf_step
+
+    def _build_plan(self) -> StepPlan:
+        self._plan = None  # a build that raises leaves no plan behind
+        plan = StepPlan(self, self._history.device)
+        if plan.history_device != self._history.device:
+            self._history = self._history.to(plan.history_device)
+        plan.bind_history(self._history)
+        self._plan = plan
+        return plan
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -287,33 +263,38 @@ class ZenithFused(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        sharding = self._sharding_plan()
-        buckets = self._gather_buckets(sharding)
-        # A rank without local gradients still joins the other ranks' norm reduction.
-        if not buckets and (sharding is None or not sharding.communicates):
+        if torch.compiler.is_compiling():
+            self._traced_step()
             return loss
 
-        history = self._history
-        if sharding is not None and sharding.shared is None:
-            sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, history.device)
-        else:
-            partials = []
-            for key, bucket in buckets.items():
-                engine = self._engine(self._backend_for(*key))
-                partials.append(engine.sq_norm_partials(bucket).to(history.device, non_blocking=True))
-            if not partials:
-                partials.append(torch.zeros(1, dtype=torch.float32, device=history.device))
-            sq_norm_partials = partials[0] if len(partials) == 1 else torch.cat(partials)
-            if sharding is not None and sharding.shared:
+        plan = self._plan
+        if plan is None or not plan.holds(self) or not plan.refresh_hyperparams(self.param_groups):
+            plan = self._build_plan()
+        sharding = self._sharding
+        # A rank without local gradients still joins the other ranks' norm reduction.
+        if not plan.buckets and (sharding is None or not sharding.communicates):
+            return loss
+
+        for bucket in plan.buckets:
+            bucket.engine.sq_norm_partials(bucket)
+            if bucket.partials_destination is not None:
+                bucket.partials_destination.copy_(bucket.partials, non_blocking=True)
+        sq_norm_partials = plan.partials
+        if sharding is not None:
+            if sharding.shared is None:
+                sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, plan.history_device)
+            elif sharding.shared:
                 # Sum the shards' squares across ranks, on the device, before the history sees them.
                 sq_norm_partials = sharding.global_sq_norm(sq_norm_partials)
+        plan.history_engine.update_history(sq_norm_partials, plan.history_tensors, self._step_inputs())
 
-        self._engine(self._history_backend(buckets)).update_history(history, sq_norm_partials, self._step_inputs())
-
-        for key, bucket in buckets.items():
-            engine = self._engine(self._backend_for(*key))
-            engine.momentum_update(bucket, StepView.of(history, bucket.device))
+        views = plan.views
+        if views is None:
+            views = plan.views_on_devices(self._history)
+        for bucket in plan.buckets:
+            for cell, lr in bucket.lr_copies:
+                cell.copy_(lr.reshape(()), non_blocking=True)
+            bucket.engine.momentum_update(bucket, views[bucket.device])
         return loss
 
     def _step_inputs(self) -> StepInputs:
@@ -322,16 +303,80 @@ class ZenithFused(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         device = self._history.device
         return StepInputs(
-            grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-            found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+            grad_scale=None if grad_scale is None else _scalar_on(grad_scale, device),
+            found_inf=None if found_inf is None else _scalar_on(found_inf, device),
             max_grad_norm=self.max_grad_norm,
         )
 
-    def _history_backend(self, buckets: dict) -> str:
-        for (device, dtype) in buckets:
-            if device == self._history.device:
-                return self._backend_for(device, dtype)
-        return resolve_backend("auto", self._history.device)
+    def _traced_step(self) -> None:
+        """The step as ``torch.compile`` traces it: the same engines, reached through custom ops
+        that take the tensors themselves (:mod:`zenith_fused._traced`), no cached plan."""
+        sharding = self._sharding_plan()
+        local = sharding is not None and sharding.has_dtensors
+        buckets: dict[tuple[torch.device, torch.dtype], BucketPlan] = {}
+        for group in self.param_groups:
+            check_hyperparams(group)
+            hyperparams = group_hyperparams(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
+                key = (param.device, param.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    backend = self._backend_for(*key)
+                    bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, self._engine(backend))
+                if bucket.backend != "reference":
+                    check_layout(param, grad)
+                if not bucket.group_hyperparams or bucket.group_hyperparams[-1] is not hyperparams:
+                    bucket.group_hyperparams.append(hyperparams)
+                buf, buf_step = self._momentum_state(p) if hyperparams.momentum != 0 else (None, None)
+                bucket.params.append(param)
+                bucket.grads.append(grad)
+                bucket.momentum_buffers.append(sharding.local(buf) if local else buf)
+                bucket.momentum_steps.append(buf_step)
+                bucket.hyperparam_slots.append(len(bucket.group_hyperparams) - 1)
+        if not buckets and (sharding is None or not sharding.communicates):
+            return
+
+        history = self._history
+        partials = []
+        for bucket in buckets.values():
+            if bucket.backend == "reference":
+                partials.append(reference.squared_norm_partials(bucket.grads).to(history.device))
+            else:
+                partials.append(_traced.sq_norm_partials(bucket.backend, *_op_lists(bucket)).to(history.device))
+        sq_norm_partials = torch.cat(partials) if partials else torch.zeros(1, device=history.device)
+        if sharding is not None:
+            if sharding.shared is None:
+                sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, history.device)
+            elif sharding.shared:
+                sq_norm_partials = sharding.global_sq_norm(sq_norm_partials)
+        inputs = self._step_inputs()
+        history_backend = next((b.backend for b in buckets.values() if b.device == history.device), "reference")
+        if history_backend == "reference":
+            reference.update_history(history, sq_norm_partials, inputs)
+        else:
+            _traced.update_history(history_backend, sq_norm_partials, history.kernel_tensors(), inputs.grad_scale,
+                                   inputs.found_inf, inputs.max_grad_norm)
+        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
+        for bucket in buckets.values():
+            view = StepView(*(v.to(bucket.device) for v in values))
+            if bucket.backend == "reference":
+                reference.momentum_update(
+                    bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps,
+                    bucket.hyperparams_per_tensor, lr_scale=view.lr_scale, step=view.step,
+                    step_applied=view.step_applied, grad_multiplier=view.grad_multiplier,
+                )
+                continue
+            dtype = compute_dtype(bucket.dtype)
+            table = torch.tensor([hyperparam_row(hp) for hp in bucket.group_hyperparams], dtype=dtype,
+                                 device=bucket.device)
+            for slot, hp in enumerate(bucket.group_hyperparams):
+                if isinstance(hp.lr, Tensor):
+                    table[slot, 0] = hp.lr.reshape(()).to(dtype)
+            _traced.momentum_update(bucket.backend, *_op_lists(bucket), table, view.lr_scale, view.step,
+                                    view.step_applied, view.grad_multiplier)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -348,7 +393,7 @@ class ZenithFused(Optimizer):
 
     def _history_entry(self) -> dict[str, Any]:
         zenith = {"version": STATE_VERSION, "window_size": self.window_size}
-        for name in _HISTORY_FIELDS:
+        for name in SAVED_HISTORY_FIELDS:
             zenith[name] = getattr(self._history, name).clone()
         return zenith
 
@@ -361,7 +406,7 @@ class ZenithFused(Optimizer):
         state_dict = dict(state_dict)
         zenith = state_dict.pop("zenith", None)
         if zenith is not None:
-            _check_zenith_entry(zenith, self.window_size)
+            check_zenith_entry(zenith, self.window_size)
         # torch casts every per-parameter state tensor to a floating parameter's dtype; a step
         # count in bfloat16 would stop being exact after 256 steps, so the counters bypass that.
         momentum_steps = {}
@@ -374,17 +419,20 @@ class ZenithFused(Optimizer):
         params = (p for g in self.param_groups for p in g["params"])
         for index, p in zip(saved_ids, params):
             if index in momentum_steps:
-                self.state[p]["momentum_step"] = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
-            buf = self.state[p].get("momentum_buffer") if p in self.state else None
-            if buf is not None and buf.stride() != p.stride():
-                # The fused kernels index parameter and buffer alike; a saved buffer may differ.
-                self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+                filled_at = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
+                if zenith is None:
+                    # The history starts afresh, so a buffer filled at any step before is marked
+                    # "filled before this history began" (-1), never "first" again: the next step
+                    # gives momentum * buf + d, not d.
+                    filled_at = torch.where(filled_at != 0, -1, 0)
+                self.state[p]["momentum_step"] = filled_at
+        self._plan = None  # the buffers are new tensors; the step plan converts their layout
         self._load_history(zenith)
 
     def _load_history(self, zenith: dict[str, Any] | None) -> None:
         """Set the history from a checked ``"zenith"`` entry, or to a fresh one for None."""
         fresh = ZenithHistory.zeros(self.window_size, self._history.device)
-        for name in _HISTORY_FIELDS:
+        for name in SAVED_HISTORY_FIELDS:
             target = getattr(fresh, name)
             if zenith is not None:
                 target.copy_(zenith[name])
@@ -397,6 +445,7 @@ class ZenithFused(Optimizer):
             window_size=self.window_size, max_grad_norm=self.max_grad_norm, backend=self.backend,
             _history=self._history, process_group=self.process_group,
         )
+        state.pop("_plan", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -406,80 +455,28 @@ class ZenithFused(Optimizer):
         self.__dict__.setdefault("_bucket_backends", {})
         self.__dict__.setdefault("process_group", None)
         self._sharding, self._sharding_groups = None, -1
+        self._plan = None
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("nesterov", False)
             group.setdefault("dampening", 0.0)
 
 
-def _check_hyperparams(group: dict[str, Any], *, check_tensor_values: bool = False) -> None:
-    """torch.optim.SGD's checks. A tensor lr's value is checked only when asked (when a group is
-    added), never at step time, where reading it would make the host wait for the device."""
-    lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr.is_complex() or not lr.is_floating_point():
-            raise ValueError(f"Tensor lr must be a floating-point tensor; got {lr.dtype}")
-        if check_tensor_values and not lr.item() >= 0.0:  # sync-ok: add_param_group, not a step
-            raise ValueError(f"Invalid learning rate: {lr}")
-    elif not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not momentum >= 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if group["nesterov"] and (momentum <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
+    """A 1-element tensor of any shape as a float32 0-dim tensor on ``device`` (no copy when it
+    is one already)."""
+    return t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-def _group_hyperparams(group: dict[str, Any]) -> GroupHyperparams:
-    _check_hyperparams(group)  # a scheduler or user may have written the group since
-    lr = group["lr"]
-    return GroupHyperparams(
-        lr=lr if isinstance(lr, Tensor) else float(lr),
-        momentum=float(group["momentum"]),
-        dampening=float(group["dampening"]),
-        weight_decay=float(group["weight_decay"]),
-        nesterov=bool(group["nesterov"]),
-        maximize=bool(group["maximize"]),
+def _op_lists(bucket: BucketPlan) -> tuple:
+    """A bucket as custom-op arguments: tensors with a momentum buffer are listed by index, since
+    a custom op cannot mutate a list holding None."""
+    buffered = [i for i, b in enumerate(bucket.momentum_buffers) if b is not None]
+    return (
+        bucket.params,
+        bucket.grads,
+        buffered,
+        [bucket.momentum_buffers[i] for i in buffered],
+        [bucket.momentum_steps[i] for i in buffered],
+        bucket.hyperparam_slots,
     )
-
-
-def _is_dense(t: Tensor) -> bool:
-    """True when the elements fill ``t``'s storage span without gaps or overlap, in any order."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _check_layout(p: Tensor, g: Tensor) -> None:
-    """The fused kernels walk storage linearly: parameter and gradient must share one layout."""
-    if p.is_contiguous() and g.is_contiguous():  # the common case, cheap enough for every step
-        return
-    if p.numel() > 1 and not (g.stride() == p.stride() and _is_dense(p)):
-        raise RuntimeError(
-            f"ZenithFused's fused kernels need each parameter dense (contiguous or channels-last) "
-            f"with a gradient of the same strides; got a parameter of shape {tuple(p.shape)}, "
-            f"strides {p.stride()}, gradient strides {g.stride()}. Make the parameter "
-            f"contiguous, or use backend='reference'"
-        )
-
-
-def _check_zenith_entry(zenith: dict[str, Any], window_size: int) -> None:
-    version = zenith.get("version")
-    if version != STATE_VERSION:
-        raise ValueError(f"Unsupported ZenithFused state_dict version: {version}")
-    saved_window = zenith.get("window_size")
-    if saved_window != window_size:
-        raise ValueError(
-            f"loaded state dict has window_size {saved_window}, this optimizer has {window_size}"
-        )
-    missing = [name for name in _HISTORY_FIELDS if name not in zenith]
-    if missing:
-        raise ValueError(f"loaded state dict's 'zenith' entry lacks {missing}")

@@ -35,6 +35,7 @@ Arithmetic is float32 for float32, float16 and bfloat16 tensors and float64 for 
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -231,4 +232,4 @@ def momentum_update(
 
 def _scalar(value: float, dtype: torch.dtype) -> float:
     """A hyper-parameter as the kernels hold it: rounded to float32 for float32 arithmetic."""
-    return value if dtype == torch.float64 else float(torch.tensor(value, dtype=torch.float32))
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
