@@ -1,21 +1,32 @@
 """ZENITH's momentum update of many tensors in one launch.
 
-Implements step 4 of ``zenith_fused/reference.py`` (``momentum_update``), per element, in float32::
+Implements step 4 of ``zenith_fused/reference.py`` (``momentum_update``), per element, in the
+compute dtype ``C`` (float32; float64 for float64 tensors), each line one rounding::
 
-    g   = g * grad_multiplier                    (unscaling and clipping, from the history kernel)
-    d   = sign * g + weight_decay * p            (sign = -1 if maximize; the add only if wd != 0)
-    buf = d if first else momentum * buf + (1 - dampening) * d
-    d   = d + momentum * buf if nesterov else buf       (only if momentum != 0)
-    p   = p - lr * lr_scale * d
+    step_lr = lr * C(lr_scale)                   lr read through lr_ptrs[slot]
+    d   = C(g) * C(grad_multiplier)              unscaling and clipping, from the history kernel
+    d   = -d                                     if maximize
+    d   = d + weight_decay * p                   if weight_decay != 0
+    buf = d  if first  else  momentum * buf + (1 - dampening) * d        (if momentum != 0)
+    d   = d + momentum * buf  if nesterov  else  buf                     (if momentum != 0)
+    p   = p - step_lr * d
 
-``lr_scale``, ``step``, ``step_applied`` and ``grad_multiplier`` are read from device memory, so a skipped step costs
-no host round trip: when ``step_applied == 0`` every load and store is masked off.
-Hyper-parameters come per tensor from a ``[G, 6]`` float32 table (lr, momentum, 1 - dampening,
-weight_decay, nesterov, maximize), so parameter groups of one dtype share one launch.
+and each parameter and buffer is rounded once, at its store, to its dtype, to nearest-even
+(``dtypes.to_storage``). ``lr_scale``, ``step``, ``step_applied`` and ``grad_multiplier`` are
+read from device memory: when ``step_applied == 0`` every program finds an empty range and
+nothing is loaded or stored. Hyper-parameters come per tensor from ``hyperparams[slot]`` (compute
+dtype: momentum, 1 - dampening, weight_decay, nesterov, maximize); the lr from ``*lr_ptrs[slot]``.
 
 The buffer's "first step" is ``momentum_step == 0`` (never filled) or ``== step`` (filled by
 another program of this launch); the program holding the tensor's first chunk records ``step``.
 Any program reading after that write still sees "first", so the chunks agree without ordering.
+
+Same bits everywhere: the launch turns off FMA contraction (``enable_fp_fusion=False``: ptxas
+``--fmad=false``), so a GPU rounds every product and sum separately as the reference and the
+interpreter do, and the stores round to nearest-even on both. For finite values the update then
+stores exactly the reference's bits on a GPU and under the interpreter. What can still differ:
+NaN payloads (a NaN stays a NaN), and everything that depends on the norm (``lr_scale``,
+``grad_multiplier``), which comes from the history kernel and differs in its last bits.
 """
 from __future__ import annotations
 
@@ -24,19 +35,82 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dtypes import triton_dtype
+from zenith_fused._table import TensorTable
+
+from . import config as _config
+from .dtypes import to_storage, triton_compute_dtype, triton_dtype
 from .table import (
     GRAD,
+    HYPERPARAM_COLUMNS,
     HYPERPARAM_SLOT,
+    MAXIMIZE,
+    MOMENTUM,
     MOMENTUM_BUFFER,
     MOMENTUM_STEP,
+    NESTEROV,
     NUMEL,
+    ONE_MINUS_DAMPENING,
     PARAM,
     TENSOR_COLUMNS,
-    TensorTable,
+    VECTOR_ALIGNMENT,
+    WEIGHT_DECAY,
 )
 
-HYPERPARAM_COLUMNS = tl.constexpr(6)
+
+@triton.jit
+def _direction(g, p, grad_multiplier, maximize, weight_decay):
+    """The reference's ``d`` before momentum: every operation rounded on its own."""
+    d = g * grad_multiplier
+    d = tl.where(maximize, -d, d)
+    return tl.where(weight_decay != 0, d + weight_decay * p, d)
+
+
+@triton.jit
+def _momentum(d, b, first, momentum, one_minus_dampening, nesterov):
+    """``(new buffer, new d)`` of torch.optim.SGD's momentum step."""
+    b = tl.where(first, d, momentum * b + one_minus_dampening * d)
+    return b, tl.where(nesterov, d + momentum * b, b)
+
+
+@triton.jit
+def _update_block(
+    param, grad, buffer, offsets, n, step_lr, grad_multiplier, maximize, weight_decay,
+    first, momentum, one_minus_dampening, nesterov,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, USE_BUFFER: tl.constexpr, MASKED: tl.constexpr,
+):
+    mask = offsets < n if MASKED else None
+    g = tl.load(grad + offsets, mask=mask).to(COMPUTE)
+    p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+    d = _direction(g, p, grad_multiplier, maximize, weight_decay)
+    if USE_BUFFER:
+        b = tl.load(buffer + offsets, mask=mask).to(COMPUTE)
+        b, d = _momentum(d, b, first, momentum, one_minus_dampening, nesterov)
+        tl.store(buffer + offsets, to_storage(b, DTYPE), mask=mask)
+    tl.store(param + offsets, to_storage(p - step_lr * d, DTYPE), mask=mask)
+
+
+@triton.jit
+def _update_range(
+    param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
+    first, momentum, one_minus_dampening, nesterov,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """Elements ``[0, n)`` of the chunk whose first element ``param``/``grad``/``buffer`` point at."""
+    lanes = tl.arange(0, BLOCK)
+    if ALIGNED:
+        # Unmasked 128-bit main loop, one masked tail block.
+        full = n // BLOCK * BLOCK
+        for offset in range(0, full, BLOCK):
+            offsets = tl.max_contiguous(tl.multiple_of(offset + lanes, BLOCK), BLOCK)
+            _update_block(param, grad, buffer, offsets, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER, MASKED=False)
+        _update_block(param, grad, buffer, full + lanes, n, step_lr, grad_multiplier, maximize, weight_decay,
+                      first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER, MASKED=True)
+    else:
+        for offset in range(0, n, BLOCK):
+            _update_block(param, grad, buffer, offset + lanes, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER, MASKED=True)
 
 
 @triton.jit
@@ -44,14 +118,17 @@ def _momentum_update_kernel(
     tensors,
     chunks,
     hyperparams,
+    lr_ptrs,
     lr_scale_ptr,
     step_ptr,
     step_applied_ptr,
     grad_multiplier_ptr,
     DTYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     tensor = tl.load(chunks + 2 * chunk)
@@ -60,74 +137,90 @@ def _momentum_update_kernel(
     numel = tl.load(row + NUMEL)
     param = tl.load(row + PARAM).to(tl.pointer_type(DTYPE))
     grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
+    buffer = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # The host checked every address; chunks start at multiples of 16 elements.
+        param = tl.multiple_of(param, VECTOR_ALIGNMENT)
+        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT)
+        buffer = tl.multiple_of(buffer, VECTOR_ALIGNMENT)
+        start = tl.multiple_of(start, 16)
+    param += start
+    grad += start
+    buffer += start
 
-    hp = hyperparams + tl.load(row + HYPERPARAM_SLOT) * HYPERPARAM_COLUMNS
-    lr = tl.load(hp + 0)
-    momentum = tl.load(hp + 1)
-    one_minus_dampening = tl.load(hp + 2)
-    weight_decay = tl.load(hp + 3)
-    nesterov = tl.load(hp + 4) != 0
-    sign = tl.where(tl.load(hp + 5) != 0, -1.0, 1.0)
+    slot = tl.load(row + HYPERPARAM_SLOT)
+    hp = hyperparams + slot * HYPERPARAM_COLUMNS
+    lr = tl.load(tl.load(lr_ptrs + slot).to(tl.pointer_type(COMPUTE)))
+    momentum = tl.load(hp + MOMENTUM)
+    one_minus_dampening = tl.load(hp + ONE_MINUS_DAMPENING)
+    weight_decay = tl.load(hp + WEIGHT_DECAY)
+    nesterov = tl.load(hp + NESTEROV) != 0
+    maximize = tl.load(hp + MAXIMIZE) != 0
+    step_lr = lr * tl.load(lr_scale_ptr).to(COMPUTE)
+    grad_multiplier = tl.load(grad_multiplier_ptr).to(COMPUTE)
 
-    # A skipped step masks every load and store off by treating the tensor as empty (scalar
-    # conditions fold into integer bounds rather than being broadcast as booleans).
+    # A skipped step leaves every program an empty range (a scalar condition folded into the
+    # bound, not a mask over the block).
     applied = tl.load(step_applied_ptr) != 0
-    limit = tl.where(applied, numel, 0)
-    step_lr = lr * tl.load(lr_scale_ptr)
-    grad_multiplier = tl.load(grad_multiplier_ptr)
+    n = tl.where(applied, tl.minimum(numel - start, CHUNK), 0).to(tl.int32)
 
     if HAS_MOMENTUM:
         has_buffer = momentum != 0
-        buffer_limit = tl.where(has_buffer, limit, 0)
-        buffer = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
+        # A tensor without a buffer has placeholder addresses: never read or write them.
         buffer_step_ptr = tl.load(row + MOMENTUM_STEP).to(tl.pointer_type(tl.int64))
+        buffer_step = tl.load(buffer_step_ptr, mask=has_buffer, other=0)
         step = tl.load(step_ptr)
-        buffer_step = tl.load(buffer_step_ptr)
         first = (buffer_step == 0) | (buffer_step == step)
         tl.store(buffer_step_ptr, step, mask=has_buffer & applied & (buffer_step == 0) & (start == 0))
-
-    # A small tensor's chunk ends early: no fully masked iterations.
-    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
-        index = start + offset + tl.arange(0, BLOCK)
-        mask = index < limit
-        g = tl.load(grad + index, mask=mask, other=0.0).to(tl.float32) * grad_multiplier
-        p = tl.load(param + index, mask=mask, other=0.0).to(tl.float32)
-        d = sign * g
-        d = tl.where(weight_decay != 0, d + weight_decay * p, d)
-        if HAS_MOMENTUM:
-            buffer_mask = index < buffer_limit
-            b = tl.load(buffer + index, mask=buffer_mask, other=0.0).to(tl.float32)
-            b = tl.where(first, d, momentum * b + one_minus_dampening * d)
-            tl.store(buffer + index, b.to(DTYPE), mask=buffer_mask)
-            d = tl.where(has_buffer, tl.where(nesterov, d + momentum * b, b), d)
-        tl.store(param + index, (p - step_lr * d).to(DTYPE), mask=mask)
+        if has_buffer:
+            _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, True, BLOCK, ALIGNED)
+        else:
+            _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, ALIGNED)
+    else:
+        _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
+                      False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, ALIGNED)
 
 
 def momentum_update(
     table: TensorTable,
     dtype: torch.dtype,
     hyperparams: Tensor,
-    *,
+    lr_ptrs: Tensor,
     lr_scale: Tensor,
     step: Tensor,
     step_applied: Tensor,
     grad_multiplier: Tensor,
-    has_momentum: bool,
-    block_size: int,
 ) -> None:
-    """Update every tensor of ``table`` in place; ``hyperparams`` is float32 ``[G, 6]``."""
+    """Update every tensor of ``table`` in place (the formula is in this module's docstring).
+
+    ``hyperparams`` ``[G, 6]`` and the scalars ``lr_ptrs`` point at are in the compute dtype of
+    ``dtype`` (float64 for float64, else float32); ``lr_scale``, ``step``, ``step_applied`` and
+    ``grad_multiplier`` are the history's 0-dim tensors, on the table's device.
+    """
     if table.num_chunks == 0:
         return
+    compute = triton_compute_dtype(dtype)
+    if hyperparams.dtype != (torch.float64 if compute == tl.float64 else torch.float32):
+        raise TypeError(f"hyperparams for {dtype} tensors must be in the compute dtype, got {hyperparams.dtype}")
+    config = _config.launch_config(table.tensors.device)
     _momentum_update_kernel[(table.num_chunks,)](
         table.tensors,
         table.chunks,
         hyperparams,
+        lr_ptrs,
         lr_scale,
         step,
         step_applied,
         grad_multiplier,
         DTYPE=triton_dtype(dtype),
-        HAS_MOMENTUM=has_momentum,
+        COMPUTE=compute,
+        HAS_MOMENTUM=table.has_momentum,
         CHUNK=table.chunk_size,
-        BLOCK=block_size,
+        BLOCK=_config.block_for(table.chunk_size, config.block),
+        ALIGNED=table.aligned and table.chunk_size % 16 == 0,
+        num_warps=config.num_warps,
+        # Round every product and sum on its own, as the reference does: see the docstring.
+        enable_fp_fusion=False,
     )

@@ -1,9 +1,14 @@
 """Squared-norm partials of many gradients in one launch.
 
-Implements step 1 of ZENITH (``zenith_fused/reference.py``): program ``c`` writes
-``sq_norm_partials[c] = sum(g[i] ** 2 for i in chunk c)`` in float32, whatever the gradient dtype.
-The partials sit in fixed slots and are summed in a fixed order by the history kernel, so the same
-gradients give the same bits on every run.
+Implements step 1 of ZENITH (``zenith_fused.reference.squared_norm_partials``, per chunk rather
+than per tensor): program ``c`` writes
+
+    sq_norm_partials[c] = sum over the elements i of chunk c of g[i] ** 2
+
+accumulated in float32 (float64 for float64 gradients) and stored as float32. The partials sit in
+fixed slots that the history kernel sums in a fixed order: the same gradients give the same bits on
+every run. The sum's order (lanes of a block, then a tree over the lanes) is not torch.sum's, so a
+partial may differ from the reference in its last bits, and from the interpreter's on a GPU.
 """
 from __future__ import annotations
 
@@ -12,43 +17,86 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .table import GRAD, NUMEL, TENSOR_COLUMNS, TensorTable
+from zenith_fused._table import TensorTable
+
+from . import config as _config
 from .dtypes import triton_dtype
+from .table import GRAD, NUMEL, TENSOR_COLUMNS, VECTOR_ALIGNMENT
 
 
 @triton.jit
+def _sq_norm_block(grad, offsets, n, ACC_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        g = tl.load(grad + offsets, mask=offsets < n, other=0.0)
+    else:
+        g = tl.load(grad + offsets)
+    g = g.to(ACC_DTYPE)
+    return g * g
+
+
+# ``out`` is a slice of a plan-owned buffer at any offset: specializing on its alignment would
+# compile a new kernel per offset, and a scalar store gains nothing from it.
+@triton.jit(do_not_specialize_on_alignment=["sq_norm_partials"])
 def _sq_norm_partials_kernel(
     tensors,
     chunks,
     sq_norm_partials,
     DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     tensor = tl.load(chunks + 2 * chunk)
     start = tl.load(chunks + 2 * chunk + 1)
-    numel = tl.load(tensors + tensor * TENSOR_COLUMNS + NUMEL)
-    grad = tl.load(tensors + tensor * TENSOR_COLUMNS + GRAD).to(tl.pointer_type(DTYPE))
+    row = tensors + tensor * TENSOR_COLUMNS
+    # Elements of this chunk; < CHUNK, so the offsets within it fit in int32.
+    n = tl.minimum(tl.load(row + NUMEL) - start, CHUNK).to(tl.int32)
+    grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    if ALIGNED:
+        # The host checked that every address is VECTOR_ALIGNMENT-byte aligned, and chunks start
+        # at multiples of the chunk size (a multiple of 16 elements): tell the compiler, so that
+        # the unmasked main loop becomes 128-bit loads.
+        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT)
+        start = tl.multiple_of(start, 16)
+        grad = grad + start
+        full = n // BLOCK * BLOCK
+        for offset in range(0, full, BLOCK):
+            offsets = tl.max_contiguous(tl.multiple_of(offset + lanes, BLOCK), BLOCK)
+            acc += _sq_norm_block(grad, offsets, n, ACC_DTYPE, MASKED=False)
+        acc += _sq_norm_block(grad, full + lanes, n, ACC_DTYPE, MASKED=True)
+    else:
+        grad = grad + start
+        # A small tensor's chunk ends early: no fully masked iterations.
+        for offset in range(0, n, BLOCK):
+            acc += _sq_norm_block(grad, offset + lanes, n, ACC_DTYPE, MASKED=True)
+    tl.store(sq_norm_partials + chunk, tl.sum(acc, axis=0).to(tl.float32))
 
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    # A small tensor's chunk ends early: no fully masked iterations.
-    for offset in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
-        index = start + offset + tl.arange(0, BLOCK)
-        g = tl.load(grad + index, mask=index < numel, other=0.0).to(tl.float32)
-        acc += g * g
-    tl.store(sq_norm_partials + chunk, tl.sum(acc, axis=0))
 
+def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor) -> None:
+    """Write ``out[c]`` = the squared L2 norm of chunk ``c`` of ``table``'s gradients.
 
-def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor, *, block_size: int) -> Tensor:
-    """Write one float32 partial per chunk of ``table`` into ``out[:table.num_chunks]``."""
-    if table.num_chunks:
-        _sq_norm_partials_kernel[(table.num_chunks,)](
-            table.tensors,
-            table.chunks,
-            out,
-            DTYPE=triton_dtype(dtype),
-            CHUNK=table.chunk_size,
-            BLOCK=block_size,
-        )
-    return out[: table.num_chunks]
+    ``out`` is a contiguous float32 1-D tensor of ``table.num_chunks`` elements on the table's
+    device. The formula is in this module's docstring; the math is ``zenith_fused/reference.py``'s.
+    """
+    if table.num_chunks == 0:
+        return
+    config = _config.launch_config(table.tensors.device)
+    block = _config.block_for(table.chunk_size, config.block)
+    _sq_norm_partials_kernel[(table.num_chunks,)](
+        table.tensors,
+        table.chunks,
+        out,
+        DTYPE=triton_dtype(dtype),
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        CHUNK=table.chunk_size,
+        BLOCK=block,
+        ALIGNED=table.aligned and table.chunk_size % 16 == 0,
+        num_warps=config.num_warps,
+        # No contraction of g * g + acc into an FMA: the GPU then accumulates each lane as the
+        # interpreter does (the reduction tree across lanes still differs, see the docstring).
+        enable_fp_fusion=False,
+    )
