@@ -8,7 +8,8 @@ matters is bytes in flight per SM (Little's law: bandwidth x memory latency), no
 * ``block``: elements per loop iteration of one program. It is 8 elements per thread, so a thread
   issues two 128-bit loads per float32 tensor per iteration (one for 16-bit types; four 64-bit
   pairs for float64), enough independent loads to cover latency without the register cost of
-  deeper unrolling (the update keeps ~3 x 8 values live).
+  deeper unrolling (the update keeps ~3 x 8 values live). float64 uses half the block
+  (``block_for``): the same bytes per thread, half the registers.
 * ``num_warps``: threads per program. 8 warps (256 threads) on sm_90 gives 256 x 3 x 32 B = 24 KB
   of float32 loads in flight per resident program; with the register counts that
   ``bench/kernel_report.py`` reports (< 64 registers: at least 4 programs per SM) that is ~100 KB
@@ -75,9 +76,15 @@ def launch_config(device: torch.device) -> LaunchConfig:
     return config
 
 
-def block_for(chunk_size: int, block: int) -> int:
-    """The largest power of two <= ``block`` that divides ``chunk_size`` (a table built with a chunk
-    size smaller than the configured block, as tests do, gets smaller blocks)."""
+def block_for(config: LaunchConfig, chunk_size: int, dtype: torch.dtype) -> int:
+    """The streaming kernels' block for ``dtype`` tensors in chunks of ``chunk_size``.
+
+    float64 gets half the block: the same bytes per thread (two 128-bit loads per tensor) instead
+    of twice the registers (the update would need ~90, a quarter of the SM's warps). A block that
+    does not divide the chunk size (tests build tables with small chunks) shrinks to the largest
+    power of two that does.
+    """
+    block = config.block // 2 if dtype == torch.float64 else config.block
     while block > 1 and chunk_size % block:
         block //= 2
     return block

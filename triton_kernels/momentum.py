@@ -218,7 +218,7 @@ def momentum_update(
         COMPUTE=compute,
         HAS_MOMENTUM=table.has_momentum,
         CHUNK=table.chunk_size,
-        BLOCK=_config.block_for(table.chunk_size, config.block),
+        BLOCK=_config.block_for(config, table.chunk_size, dtype),
         ALIGNED=table.aligned and table.chunk_size % 16 == 0,
         num_warps=config.num_warps,
         # Round every product and sum on its own, as the reference does: see the docstring.

@@ -51,7 +51,7 @@ def _sq_norm_partials_kernel(
     tensor = tl.load(chunks + 2 * chunk)
     start = tl.load(chunks + 2 * chunk + 1)
     row = tensors + tensor * TENSOR_COLUMNS
-    # Elements of this chunk; < CHUNK, so the offsets within it fit in int32.
+    # Elements of this chunk; <= CHUNK, so the offsets within it fit in int32.
     n = tl.minimum(tl.load(row + NUMEL) - start, CHUNK).to(tl.int32)
     grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
     lanes = tl.arange(0, BLOCK)
@@ -85,7 +85,6 @@ def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor) -> Non
     if table.num_chunks == 0:
         return
     config = _config.launch_config(table.tensors.device)
-    block = _config.block_for(table.chunk_size, config.block)
     _sq_norm_partials_kernel[(table.num_chunks,)](
         table.tensors,
         table.chunks,
@@ -93,7 +92,7 @@ def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor) -> Non
         DTYPE=triton_dtype(dtype),
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         CHUNK=table.chunk_size,
-        BLOCK=block,
+        BLOCK=_config.block_for(config, table.chunk_size, dtype),
         ALIGNED=table.aligned and table.chunk_size % 16 == 0,
         num_warps=config.num_warps,
         # No contraction of g * g + acc into an FMA: the GPU then accumulates each lane as the
