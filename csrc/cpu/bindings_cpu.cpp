@@ -1,14 +1,15 @@
-// The CPU implementations of the zenith_fused operators (schemas in csrc/bindings.cpp): check
-// the tensors, resolve per-tensor state on the host, and hand the chunk tables to the harness.
+// The CPU implementations of the zenith_fused operators (schemas in csrc/bindings.cpp): check the
+// arguments (tensor_checks.h), walk the bucket's tables on the host (they are host memory),
+// resolve every tensor's coefficients in one cheap loop, and hand the chunks to the harness.
 // The math is in kernels_cpu.h and zenith_fused/reference.py.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../tensor_checks.h"
@@ -17,92 +18,82 @@
 namespace zenith_fused::cpu {
 namespace {
 
-const at::Device kCpu(at::kCPU);
-
-at::Tensor sq_norm_partials(at::TensorList grads, int64_t chunk_size) {
-  constexpr const char* op = "zenith_fused::sq_norm_partials";
-  TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive; got ", chunk_size);
-  if (grads.empty()) {
-    return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
-  }
-  const at::ScalarType dtype = grads[0].scalar_type();
-  const ScalarKind kind = scalar_kind(dtype, op);
-  std::vector<const void*> data(grads.size());
-  std::vector<int64_t> numels(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_dense(grads[i], op, "grads", i, dtype, kCpu);
-    data[i] = grads[i].const_data_ptr();
-    numels[i] = grads[i].numel();
-  }
-  const std::vector<Chunk> chunks = split_into_chunks(numels, chunk_size);
-  at::Tensor partials = at::empty({static_cast<int64_t>(chunks.size())}, at::TensorOptions().dtype(at::kFloat));
-  float* out = partials.mutable_data_ptr<float>();
-  const SqNormPartialsFn kernel = kernels().sq_norm_partials;
-  parallel_over_chunks(chunks, [&](int64_t first, int64_t last) {
-    kernel(kind, data.data(), chunks.data() + first, last - first, out + first);
-  });
-  return partials;
+template <typename P>
+P* address(int64_t value) {
+  return reinterpret_cast<P*>(static_cast<intptr_t>(value));
 }
 
-// Steps 1-3 of the reference (update_history): a handful of scalars, so plain C++. Sums run in
+// The chunk table with each chunk's length resolved. The table's addresses are trusted (see
+// tensor_checks.h), but its indices are checked: they are what decides where a kernel writes,
+// and checking them on the host costs one comparison each.
+std::vector<Chunk> read_chunks(const at::Tensor& tensors, const at::Tensor& chunks, int64_t chunk_size,
+                               const char* op) {
+  const int64_t* rows = tensors.const_data_ptr<int64_t>();
+  const int64_t num_tensors = tensors.size(0);
+  const int64_t* table = chunks.const_data_ptr<int64_t>();
+  std::vector<Chunk> out(chunks.size(0));
+  for (size_t k = 0; k < out.size(); ++k) {
+    const int64_t tensor = table[k * chunk_column::kColumns + chunk_column::kTensor];
+    const int64_t start = table[k * chunk_column::kColumns + chunk_column::kStart];
+    TORCH_CHECK(tensor >= 0 && tensor < num_tensors, op, ": chunks[", k, "] names tensor ", tensor,
+                ", which is not a row of the ", num_tensors, "-row tensor table");
+    const int64_t numel = rows[tensor * tensor_column::kColumns + tensor_column::kNumel];
+    TORCH_CHECK(numel >= 0 && start >= 0 && (start < numel || start == 0), op, ": chunks[", k,
+                "] starts at element ", start, " of tensor ", tensor, ", which has ", numel, " elements");
+    out[k] = {tensor, start, std::min(chunk_size, numel - start)};
+  }
+  return out;
+}
+
+void sq_norm_partials(const at::Tensor& tensors, const at::Tensor& chunks, at::ScalarType dtype,
+                      int64_t chunk_size, const at::Tensor& out) {
+  const TableInfo table = check_sq_norm_partials_args(tensors, chunks, dtype, chunk_size, out);
+  const std::vector<Chunk> work = read_chunks(tensors, chunks, chunk_size, "zenith_fused::sq_norm_partials");
+  const int64_t* rows = tensors.const_data_ptr<int64_t>();
+  std::vector<const void*> grads(table.num_tensors);
+  for (int64_t t = 0; t < table.num_tensors; ++t) {
+    grads[t] = address<const void>(rows[t * tensor_column::kColumns + tensor_column::kGrad]);
+  }
+  float* partials = out.mutable_data_ptr<float>();
+  const SqNormPartialsFn kernel = kernels().sq_norm_partials;
+  parallel_over_chunks(work, [&](int64_t first, int64_t last) {
+    kernel(table.kind, grads.data(), work.data() + first, last - first, partials + first);
+  });
+}
+
+// Steps 2-3 of the reference (update_history): a handful of scalars, so plain C++. Sums run in
 // double in index order: deterministic, and closer to the exact sum than either float order.
 // Everything else is the reference's float32 operations, in its order.
-void update_history(const at::Tensor& sq_norm_partials, const at::Tensor& step,
-                    const at::Tensor& norm_window, const at::Tensor& window_max,
-                    const at::Tensor& skipped_steps, const at::Tensor& grad_norm,
-                    const at::Tensor& lr_scale, const at::Tensor& step_applied,
-                    const at::Tensor& grad_multiplier, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, std::optional<double> max_grad_norm) {
-  constexpr const char* op = "zenith_fused::update_history";
-  TORCH_CHECK(sq_norm_partials.dim() == 1 && sq_norm_partials.scalar_type() == at::kFloat &&
-                  sq_norm_partials.device() == kCpu,
-              op, ": sq_norm_partials must be a 1-D float32 CPU tensor; got ", sq_norm_partials.scalar_type(),
-              " of shape ", sq_norm_partials.sizes(), " on ", sq_norm_partials.device());
-  TORCH_CHECK(norm_window.dim() == 1 && norm_window.numel() >= 1 && norm_window.is_contiguous() &&
-                  norm_window.scalar_type() == at::kFloat && norm_window.device() == kCpu,
-              op, ": norm_window must be a non-empty contiguous 1-D float32 CPU tensor; got ",
-              norm_window.scalar_type(), " of shape ", norm_window.sizes());
-  check_scalar(step, op, "step", at::kLong, kCpu);
-  check_scalar(window_max, op, "window_max", at::kFloat, kCpu);
-  check_scalar(skipped_steps, op, "skipped_steps", at::kLong, kCpu);
-  check_scalar(grad_norm, op, "grad_norm", at::kFloat, kCpu);
-  check_scalar(lr_scale, op, "lr_scale", at::kFloat, kCpu);
-  check_scalar(step_applied, op, "step_applied", at::kInt, kCpu);
-  check_scalar(grad_multiplier, op, "grad_multiplier", at::kFloat, kCpu);
-  if (grad_scale.has_value()) {
-    check_scalar(*grad_scale, op, "grad_scale", at::kFloat, kCpu);
-  }
-  if (found_inf.has_value()) {
-    check_scalar(*found_inf, op, "found_inf", at::kFloat, kCpu);
-  }
+void update_history(const at::Tensor& sq_norm_partials, at::TensorList history,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> max_grad_norm) {
+  const History h = check_update_history_args(sq_norm_partials, history, grad_scale, found_inf);
 
-  const at::Tensor partials = sq_norm_partials.contiguous();
-  const float* p = partials.const_data_ptr<float>();
+  const float* p = sq_norm_partials.const_data_ptr<float>();
   double sum = 0.0;
-  for (int64_t i = 0; i < partials.numel(); ++i) {
+  for (int64_t i = 0; i < sq_norm_partials.numel(); ++i) {
     sum += p[i];
   }
   const float inv_scale = grad_scale.has_value() ? 1.0f / *grad_scale->const_data_ptr<float>() : 1.0f;
   const float norm = std::sqrt(static_cast<float>(sum)) * inv_scale;
   const bool finite = std::isfinite(norm) && (!found_inf.has_value() || *found_inf->const_data_ptr<float>() == 0.0f);
 
-  int64_t& t = *step.mutable_data_ptr<int64_t>();
-  float* window = norm_window.mutable_data_ptr<float>();
-  const int64_t window_size = norm_window.numel();
+  int64_t& t = *h.step.mutable_data_ptr<int64_t>();
+  float* window = h.norm_window.mutable_data_ptr<float>();
   if (finite) {
-    window[t % window_size] = norm;
-    t += 1;
+    window[window_slot(t, h.window_size)] = norm;
+    t = next_step(t);
     // Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(t, W).
     double window_sum = 0.0;
-    for (int64_t i = 0; i < window_size; ++i) {
+    for (int64_t i = 0; i < h.window_size; ++i) {
       window_sum += window[i];
     }
-    const float mean = static_cast<float>(window_sum) / static_cast<float>(std::min(t, window_size));
-    float& maximum = *window_max.mutable_data_ptr<float>();
+    const float mean = static_cast<float>(window_sum) / static_cast<float>(window_count(t, h.window_size));
+    float& maximum = *h.window_max.mutable_data_ptr<float>();
     maximum = std::max(maximum, mean);
-    *lr_scale.mutable_data_ptr<float>() = maximum > 0.0f ? mean / maximum : 1.0f;
+    *h.lr_scale.mutable_data_ptr<float>() = maximum > 0.0f ? mean / maximum : 1.0f;
   } else {
-    *skipped_steps.mutable_data_ptr<int64_t>() += 1;
+    *h.skipped_steps.mutable_data_ptr<int64_t>() += 1;
   }
   float multiplier = inv_scale;
   if (max_grad_norm.has_value()) {
@@ -111,108 +102,89 @@ void update_history(const at::Tensor& sq_norm_partials, const at::Tensor& step,
     const float clip = (1.0f / (norm + 1e-6f)) * static_cast<float>(*max_grad_norm);
     multiplier = multiplier * std::min(clip, 1.0f);
   }
-  *grad_norm.mutable_data_ptr<float>() = norm;
-  *step_applied.mutable_data_ptr<int32_t>() = finite ? 1 : 0;
-  *grad_multiplier.mutable_data_ptr<float>() = multiplier;
+  *h.grad_norm.mutable_data_ptr<float>() = norm;
+  *h.step_applied.mutable_data_ptr<int32_t>() = finite ? 1 : 0;
+  *h.grad_multiplier.mutable_data_ptr<float>() = multiplier;
 }
 
-void momentum_update(at::TensorList params, at::TensorList grads,
-                     const c10::List<std::optional<at::Tensor>>& momentum_buffers,
-                     const c10::List<std::optional<at::Tensor>>& momentum_steps,
-                     const at::Tensor& hyperparams, at::IntArrayRef hyperparam_slots,
-                     const at::Tensor& lr_scale, const at::Tensor& step,
-                     const at::Tensor& step_applied, const at::Tensor& grad_multiplier,
-                     int64_t chunk_size) {
+// Resolves every tensor of the table (A: the compute type), checks every index, and only then
+// records the momentum steps and runs the kernels: a call that raises has changed nothing.
+template <typename A>
+void update_tensors(const TableInfo& table, const at::Tensor& tensors, const at::Tensor& chunks,
+                    int64_t chunk_size, bool has_momentum, const at::Tensor& hyperparams,
+                    const at::Tensor& lr_ptrs, const at::Tensor& lr_scale, const at::Tensor& step,
+                    const at::Tensor& step_applied, const at::Tensor& grad_multiplier) {
   constexpr const char* op = "zenith_fused::momentum_update";
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && momentum_buffers.size() == n && momentum_steps.size() == n &&
-                  hyperparam_slots.size() == n,
-              op, ": params, grads, momentum_buffers, momentum_steps and hyperparam_slots must have "
-              "one entry per tensor; got ", n, ", ", grads.size(), ", ", momentum_buffers.size(), ", ",
-              momentum_steps.size(), " and ", hyperparam_slots.size());
-  TORCH_CHECK(hyperparams.dim() == 2 && hyperparams.size(1) == hyperparam::kColumns &&
-                  hyperparams.scalar_type() == at::kFloat && hyperparams.device() == kCpu &&
-                  hyperparams.is_contiguous(),
-              op, ": hyperparams must be a contiguous float32 CPU tensor of shape [groups, ",
-              hyperparam::kColumns, "]; got ", hyperparams.scalar_type(), " of shape ", hyperparams.sizes());
-  check_scalar(lr_scale, op, "lr_scale", at::kFloat, kCpu);
-  check_scalar(step, op, "step", at::kLong, kCpu);
-  check_scalar(step_applied, op, "step_applied", at::kInt, kCpu);
-  check_scalar(grad_multiplier, op, "grad_multiplier", at::kFloat, kCpu);
-  TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive; got ", chunk_size);
-  if (n == 0) {
-    return;
-  }
-
-  const at::ScalarType dtype = params[0].scalar_type();
-  const ScalarKind kind = scalar_kind(dtype, op);
-  const float* table = hyperparams.const_data_ptr<float>();
+  namespace col = tensor_column;
+  const int64_t* rows = tensors.const_data_ptr<int64_t>();
+  const A* table_rows = hyperparams.const_data_ptr<A>();
+  const int64_t* lr_addresses = lr_ptrs.const_data_ptr<int64_t>();
   const int64_t groups = hyperparams.size(0);
-  const float scale = *lr_scale.const_data_ptr<float>();
+  const A scale = static_cast<A>(*lr_scale.const_data_ptr<float>());
+  const A multiplier = static_cast<A>(*grad_multiplier.const_data_ptr<float>());
   const int64_t t = *step.const_data_ptr<int64_t>();
   const bool applied = *step_applied.const_data_ptr<int32_t>() != 0;
-  const float multiplier = *grad_multiplier.const_data_ptr<float>();
 
-  // Check everything before writing anything, so a call that raises has changed nothing.
-  std::vector<UpdateTensor> tensors(n);
-  std::vector<int64_t> numels(n);
+  std::vector<UpdateTensor<A>> resolved(table.num_tensors);
   std::vector<int64_t*> steps_to_record;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_dense(p, op, "params", i, dtype, kCpu);
-    check_dense(grads[i], op, "grads", i, dtype, kCpu);
-    check_same_layout(grads[i], p, op, "grads", i);
-    const int64_t slot = hyperparam_slots[i];
-    TORCH_CHECK(slot >= 0 && slot < groups, op, ": hyperparam_slots[", i, "] = ", slot,
-                " is not a row of the ", groups, "-row hyperparams table");
-    const float* row = table + slot * hyperparam::kColumns;
-
-    UpdateTensor& u = tensors[i];
-    u.param = p.mutable_data_ptr();
-    u.grad = grads[i].const_data_ptr();
+  for (int64_t i = 0; i < table.num_tensors; ++i) {
+    const int64_t* row = rows + i * col::kColumns;
+    const int64_t slot = row[col::kHyperparamSlot];
+    TORCH_CHECK(slot >= 0 && slot < groups, op, ": tensors[", i, "] has hyper-parameter slot ", slot,
+                ", which is not a row of the ", groups, "-row hyperparams table");
+    const A* h = table_rows + slot * hyperparam::kColumns;
+    UpdateTensor<A>& u = resolved[i];
+    u.param = address<void>(row[col::kParam]);
+    u.grad = address<const void>(row[col::kGrad]);
     u.momentum_buffer = nullptr;
     u.grad_multiplier = multiplier;
-    // The reference multiplies float32(lr) by the float32 scale: one float32 rounding.
-    u.step_lr = row[hyperparam::kLr] * scale;
-    u.momentum = row[hyperparam::kMomentum];
-    u.one_minus_dampening = row[hyperparam::kOneMinusDampening];
-    u.weight_decay = row[hyperparam::kWeightDecay];
-    u.sign = row[hyperparam::kMaximize] != 0.0f ? -1.0f : 1.0f;
-    u.nesterov = row[hyperparam::kNesterov] != 0.0f;
+    // lr in the compute type times the float32 scale: one rounding, as in the reference.
+    u.step_lr = *address<const A>(lr_addresses[slot]) * scale;
+    u.momentum = h[hyperparam::kMomentum];
+    u.one_minus_dampening = h[hyperparam::kOneMinusDampening];
+    u.weight_decay = h[hyperparam::kWeightDecay];
+    u.sign = h[hyperparam::kMaximize] != 0 ? A(-1) : A(1);
+    u.nesterov = h[hyperparam::kNesterov] != 0;
     u.first = false;
-    numels[i] = p.numel();
-
-    if (u.momentum != 0.0f) {
-      const std::optional<at::Tensor> buf = momentum_buffers.get(i);
-      const std::optional<at::Tensor> buf_step = momentum_steps.get(i);
-      TORCH_CHECK(buf.has_value() && buf_step.has_value(), op, ": params[", i,
-                  "] belongs to a group with momentum but has no momentum buffer or momentum step");
-      check_dense(*buf, op, "momentum_buffers", i, dtype, kCpu);
-      check_same_layout(*buf, p, op, "momentum_buffers", i);
-      TORCH_CHECK(buf_step->numel() == 1 && buf_step->scalar_type() == at::kLong &&
-                      buf_step->device() == kCpu,
-                  op, ": momentum_steps[", i, "] must be a one-element int64 CPU tensor; got ",
-                  buf_step->scalar_type(), " of shape ", buf_step->sizes(), " on ", buf_step->device());
-      u.momentum_buffer = buf->mutable_data_ptr();
-      int64_t* filled_at = buf_step->mutable_data_ptr<int64_t>();
+    if (has_momentum && u.momentum != 0) {
+      u.momentum_buffer = address<void>(row[col::kMomentumBuffer]);
+      int64_t* filled_at = address<int64_t>(row[col::kMomentumStep]);
       u.first = *filled_at == 0 || *filled_at == t;
       if (*filled_at == 0) {
         steps_to_record.push_back(filled_at);
       }
     }
   }
+  const std::vector<Chunk> work = read_chunks(tensors, chunks, chunk_size, op);
   if (!applied) {
     return;  // a skipped step (non-finite norm) changes nothing
   }
   for (int64_t* filled_at : steps_to_record) {
     *filled_at = t;
   }
-
-  const std::vector<Chunk> chunks = split_into_chunks(numels, chunk_size);
-  const MomentumUpdateFn kernel = kernels().momentum_update;
-  parallel_over_chunks(chunks, [&](int64_t first, int64_t last) {
-    kernel(kind, tensors.data(), chunks.data() + first, last - first);
+  const KernelSet& k = kernels();
+  parallel_over_chunks(work, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<A, double>) {
+      k.momentum_update_f64(resolved.data(), work.data() + first, last - first);
+    } else {
+      k.momentum_update(table.kind, resolved.data(), work.data() + first, last - first);
+    }
   });
+}
+
+void momentum_update(const at::Tensor& tensors, const at::Tensor& chunks, at::ScalarType dtype,
+                     int64_t chunk_size, bool has_momentum, const at::Tensor& hyperparams,
+                     const at::Tensor& lr_ptrs, const at::Tensor& lr_scale, const at::Tensor& step,
+                     const at::Tensor& step_applied, const at::Tensor& grad_multiplier) {
+  const TableInfo table = check_momentum_update_args(tensors, chunks, dtype, chunk_size, hyperparams, lr_ptrs,
+                                                     lr_scale, step, step_applied, grad_multiplier);
+  if (table.kind == ScalarKind::Double) {
+    update_tensors<double>(table, tensors, chunks, chunk_size, has_momentum, hyperparams, lr_ptrs, lr_scale, step,
+                           step_applied, grad_multiplier);
+  } else {
+    update_tensors<float>(table, tensors, chunks, chunk_size, has_momentum, hyperparams, lr_ptrs, lr_scale, step,
+                          step_applied, grad_multiplier);
+  }
 }
 
 std::string cpu_kernel_isa() {

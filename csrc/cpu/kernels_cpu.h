@@ -1,16 +1,19 @@
-// The ZENITH CPU kernels, written once over at::vec::Vectorized<float> and compiled once per
-// instruction set by kernels_cpu_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY
-// (and so the inline namespace everything here lives in) before including this file.
+// The ZENITH CPU kernels, written once over at::vec::Vectorized and compiled once per instruction
+// set by kernels_cpu_{default,avx2,avx512}.cpp, each of which defines CPU_CAPABILITY (and so the
+// inline namespace everything here lives in) before including this file.
+//
+// Arithmetic is in the compute type Acc<T> (zenith_fused.reference.compute_dtype): float for
+// float, half and bfloat16 storage, double for double.
 //
 // sq_norm_partials (step 1 of zenith_fused/reference.py):
-//     partials[c] = sum over the elements i of chunk c of float32(g[i])^2
-// momentum_update (step 4 of zenith_fused/reference.py), per element, in float32:
+//     partials[c] = float32(sum over the elements i of chunk c of Acc(g[i])^2)
+// momentum_update (step 4 of zenith_fused/reference.py), per element, in Acc:
 //     d   = sign * (g * grad_multiplier) + weight_decay * p     (the add only when weight_decay != 0)
 //     buf = d if first else momentum * buf + (1 - dampening) * d     (only when momentum != 0)
 //     d   = d + momentum * buf if nesterov else buf                  (only when momentum != 0)
 //     p   = p - (lr * lr_scale) * d
-// with one rounding to the storage type at each store. Every product and sum is a separate
-// float32 operation in the reference's order, and the build disables FMA contraction
+// with one rounding to the storage type at each store (round to nearest even). Every product and
+// sum is a separate operation in the reference's order, and the build disables FMA contraction
 // (-ffp-contract=off), so for equal lr_scale the results are bit-identical to the reference.
 #pragma once
 
@@ -24,77 +27,66 @@
 namespace zenith_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
-using Vec = at::vec::Vectorized<float>;
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename T>
+using AccVec = at::vec::Vectorized<Acc<T>>;
 
 // ------------------------------------------------------------------ loads and stores
-// The vector loops move 2 * Vec::size() elements at a time: one Vectorized<Half/BFloat16>, which
-// converts to and from exactly two float vectors. float64 takes the scalar loop only.
+// The vector loops move 2 * AccVec<T>::size() elements at a time: for half and bfloat16 that is
+// one Vectorized<T>, which converts to and from exactly two float vectors.
 template <typename T>
-constexpr bool kVectorized = !std::is_same_v<T, double>;
-
-inline void load_pair(const float* src, Vec& lo, Vec& hi) {
-  lo = Vec::loadu(src);
-  hi = Vec::loadu(src + Vec::size());
+inline void load_pair(const T* src, AccVec<T>& lo, AccVec<T>& hi) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    lo = AccVec<T>::loadu(src);
+    hi = AccVec<T>::loadu(src + AccVec<T>::size());
+  } else {
+    at::vec::load_to_float<T>(src, lo, hi);
+  }
 }
 
 template <typename T>
-inline void load_pair(const T* src, Vec& lo, Vec& hi) {
-  at::vec::load_to_float<T>(src, lo, hi);
-}
-
-inline void store_pair(float* dst, const Vec& lo, const Vec& hi) {
-  lo.store(dst);
-  hi.store(dst + Vec::size());
-}
-
-template <typename T>
-inline void store_pair(T* dst, const Vec& lo, const Vec& hi) {
-  // Round to nearest even, as Tensor.to(dtype) does.
-  at::vec::convert_from_float<T>(lo, hi).store(dst);
-}
-
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
-
-template <typename T>
-inline T from_float(float x) {
-  return static_cast<T>(x);
+inline void store_pair(T* dst, const AccVec<T>& lo, const AccVec<T>& hi) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    lo.store(dst);
+    hi.store(dst + AccVec<T>::size());
+  } else {
+    // Round to nearest even, as Tensor.to(dtype) does.
+    at::vec::convert_from_float<T>(lo, hi).store(dst);
+  }
 }
 
 // ------------------------------------------------------------------ squared norm
 // Element i of a chunk always adds into lane i % kNormLanes, whatever the vector width, and the
 // lanes are summed in one fixed tree: the partial has the same bits for any thread count and on
-// any of the instruction-set builds. 32 lanes keep each lane's float32 sum short (chunk / 32
-// terms).
+// any of the instruction-set builds. 32 lanes keep each lane's sum short (chunk / 32 terms).
 constexpr int64_t kNormLanes = 32;
 
 template <typename T>
 float chunk_sq_norm(const T* g, int64_t size) {
-  alignas(64) float lanes[kNormLanes] = {};
+  using A = Acc<T>;
+  using V = AccVec<T>;
+  alignas(64) A lanes[kNormLanes] = {};
   int64_t i = 0;
-  if constexpr (kVectorized<T>) {
-    constexpr int64_t kVecs = kNormLanes / Vec::size();
-    static_assert(kVecs % 2 == 0, "the lanes must be a whole number of vector pairs");
-    Vec acc[kVecs];
-    for (auto& a : acc) {
-      a = Vec(0.0f);
-    }
-    for (; i + kNormLanes <= size; i += kNormLanes) {
-      for (int64_t k = 0; k < kVecs; k += 2) {
-        Vec lo, hi;
-        load_pair(g + i + k * Vec::size(), lo, hi);
-        acc[k] = acc[k] + lo * lo;
-        acc[k + 1] = acc[k + 1] + hi * hi;
-      }
-    }
-    for (int64_t k = 0; k < kVecs; ++k) {
-      acc[k].store(lanes + k * Vec::size());
+  constexpr int64_t kVecs = kNormLanes / V::size();
+  static_assert(kVecs % 2 == 0, "the lanes must be a whole number of vector pairs");
+  V acc[kVecs];
+  for (auto& a : acc) {
+    a = V(A(0));
+  }
+  for (; i + kNormLanes <= size; i += kNormLanes) {
+    for (int64_t k = 0; k < kVecs; k += 2) {
+      V lo, hi;
+      load_pair(g + i + k * V::size(), lo, hi);
+      acc[k] = acc[k] + lo * lo;
+      acc[k + 1] = acc[k + 1] + hi * hi;
     }
   }
+  for (int64_t k = 0; k < kVecs; ++k) {
+    acc[k].store(lanes + k * V::size());
+  }
   for (; i < size; ++i) {
-    const float x = to_float(g[i]);
+    const A x = static_cast<A>(g[i]);
     lanes[i % kNormLanes] += x * x;
   }
   for (int64_t width = kNormLanes / 2; width > 0; width /= 2) {
@@ -102,7 +94,7 @@ float chunk_sq_norm(const T* g, int64_t size) {
       lanes[l] += lanes[l + width];
     }
   }
-  return lanes[0];
+  return static_cast<float>(lanes[0]);
 }
 
 template <typename T>
@@ -115,11 +107,11 @@ void sq_norm_chunks(const void* const* grads, const Chunk* chunks, int64_t num_c
 }
 
 // ------------------------------------------------------------------ momentum update
-template <typename V>
+template <typename V, typename A>
 struct Coefficients {
   V grad_multiplier, step_lr, momentum, one_minus_dampening, weight_decay, sign;
 
-  explicit Coefficients(const UpdateTensor& t)
+  explicit Coefficients(const UpdateTensor<A>& t)
       : grad_multiplier(t.grad_multiplier),
         step_lr(t.step_lr),
         momentum(t.momentum),
@@ -128,10 +120,10 @@ struct Coefficients {
         sign(t.sign) {}
 };
 
-// The math of one element (V = float) or one vector of elements (V = Vec); the same code for
+// The math of one element (V = Acc) or one vector of elements (V = AccVec); the same code for
 // both, so the vector body and the scalar tail round identically.
-template <bool kWeightDecay, bool kMomentum, bool kFirst, bool kNesterov, typename V>
-inline void zenith_step(V& p, const V& g, V& buf, const Coefficients<V>& c) {
+template <bool kWeightDecay, bool kMomentum, bool kFirst, bool kNesterov, typename V, typename A>
+inline void zenith_step(V& p, const V& g, V& buf, const Coefficients<V, A>& c) {
   V d = (g * c.grad_multiplier) * c.sign;  // the second multiply is exact: by +-1
   if constexpr (kWeightDecay) {
     d = d + c.weight_decay * p;
@@ -152,19 +144,21 @@ inline void zenith_step(V& p, const V& g, V& buf, const Coefficients<V>& c) {
 }
 
 template <typename T, bool kWeightDecay, bool kMomentum, bool kFirst, bool kNesterov>
-void update_chunk(const UpdateTensor& t, int64_t begin, int64_t size) {
+void update_chunk(const UpdateTensor<Acc<T>>& t, int64_t begin, int64_t size) {
+  using A = Acc<T>;
+  using V = AccVec<T>;
   T* p = static_cast<T*>(t.param) + begin;
   const T* g = static_cast<const T*>(t.grad) + begin;
   T* buf = kMomentum ? static_cast<T*>(t.momentum_buffer) + begin : nullptr;
   constexpr bool kReadsBuffer = kMomentum && !kFirst;  // a first step overwrites the buffer
 
   int64_t i = 0;
-  if constexpr (kVectorized<T>) {
-    const Coefficients<Vec> c(t);
-    constexpr int64_t kBlock = 2 * Vec::size();
+  {
+    const Coefficients<V, A> c(t);
+    constexpr int64_t kBlock = 2 * V::size();
     for (; i + kBlock <= size; i += kBlock) {
-      Vec p0, p1, g0, g1;
-      Vec b0(0.0f), b1(0.0f);
+      V p0, p1, g0, g1;
+      V b0(A(0)), b1(A(0));
       load_pair(p + i, p0, p1);
       load_pair(g + i, g0, g1);
       if constexpr (kReadsBuffer) {
@@ -178,17 +172,17 @@ void update_chunk(const UpdateTensor& t, int64_t begin, int64_t size) {
       }
     }
   }
-  const Coefficients<float> c(t);
+  const Coefficients<A, A> c(t);
   for (; i < size; ++i) {
-    float pi = to_float(p[i]);
-    float bi = 0.0f;
+    A pi = static_cast<A>(p[i]);
+    A bi = A(0);
     if constexpr (kReadsBuffer) {
-      bi = to_float(buf[i]);
+      bi = static_cast<A>(buf[i]);
     }
-    zenith_step<kWeightDecay, kMomentum, kFirst, kNesterov>(pi, to_float(g[i]), bi, c);
-    p[i] = from_float<T>(pi);
+    zenith_step<kWeightDecay, kMomentum, kFirst, kNesterov>(pi, static_cast<A>(g[i]), bi, c);
+    p[i] = static_cast<T>(pi);
     if constexpr (kMomentum) {
-      buf[i] = from_float<T>(bi);
+      buf[i] = static_cast<T>(bi);
     }
   }
 }
@@ -196,11 +190,11 @@ void update_chunk(const UpdateTensor& t, int64_t begin, int64_t size) {
 // The options are per tensor, so they become template arguments once per chunk rather than
 // branches per element.
 template <typename T>
-void update_chunks(const UpdateTensor* tensors, const Chunk* chunks, int64_t num_chunks) {
+void update_chunks(const UpdateTensor<Acc<T>>* tensors, const Chunk* chunks, int64_t num_chunks) {
   for (int64_t c = 0; c < num_chunks; ++c) {
     const Chunk& chunk = chunks[c];
-    const UpdateTensor& t = tensors[chunk.tensor];
-    const bool weight_decay = t.weight_decay != 0.0f;
+    const UpdateTensor<Acc<T>>& t = tensors[chunk.tensor];
+    const bool weight_decay = t.weight_decay != 0;
     const int64_t b = chunk.begin;
     const int64_t n = chunk.size;
     if (t.momentum_buffer == nullptr) {
@@ -236,14 +230,18 @@ inline void sq_norm_partials(ScalarKind kind, const void* const* grads, const Ch
   }
 }
 
-inline void momentum_update(ScalarKind kind, const UpdateTensor* tensors, const Chunk* chunks,
+inline void momentum_update(ScalarKind kind, const UpdateTensor<float>* tensors, const Chunk* chunks,
                             int64_t num_chunks) {
   switch (kind) {
     case ScalarKind::Float: update_chunks<float>(tensors, chunks, num_chunks); break;
     case ScalarKind::Half: update_chunks<c10::Half>(tensors, chunks, num_chunks); break;
     case ScalarKind::BFloat16: update_chunks<c10::BFloat16>(tensors, chunks, num_chunks); break;
-    case ScalarKind::Double: update_chunks<double>(tensors, chunks, num_chunks); break;
+    case ScalarKind::Double: break;  // momentum_update_f64
   }
+}
+
+inline void momentum_update_f64(const UpdateTensor<double>* tensors, const Chunk* chunks, int64_t num_chunks) {
+  update_chunks<double>(tensors, chunks, num_chunks);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -20,7 +20,7 @@
 namespace zenith_fused::cpu {
 // Baseline code (after pop_options): it only takes the kernels' addresses.
 KernelSet avx2_kernels() {
-  return {"AVX2", &AVX2::sq_norm_partials, &AVX2::momentum_update};
+  return {"AVX2", &AVX2::sq_norm_partials, &AVX2::momentum_update, &AVX2::momentum_update_f64};
 }
 }  // namespace zenith_fused::cpu
 
@@ -28,7 +28,7 @@ KernelSet avx2_kernels() {
 
 namespace zenith_fused::cpu {
 KernelSet avx2_kernels() {
-  return {"AVX2", nullptr, nullptr};
+  return {"AVX2", nullptr, nullptr, nullptr};
 }
 }  // namespace zenith_fused::cpu
 

@@ -23,7 +23,7 @@
 namespace zenith_fused::cpu {
 // Baseline code (after pop_options): it only takes the kernels' addresses.
 KernelSet avx512_kernels() {
-  return {"AVX512", &AVX512::sq_norm_partials, &AVX512::momentum_update};
+  return {"AVX512", &AVX512::sq_norm_partials, &AVX512::momentum_update, &AVX512::momentum_update_f64};
 }
 }  // namespace zenith_fused::cpu
 
@@ -31,7 +31,7 @@ KernelSet avx512_kernels() {
 
 namespace zenith_fused::cpu {
 KernelSet avx512_kernels() {
-  return {"AVX512", nullptr, nullptr};
+  return {"AVX512", nullptr, nullptr, nullptr};
 }
 }  // namespace zenith_fused::cpu
 

@@ -8,7 +8,7 @@
 namespace zenith_fused::cpu {
 
 KernelSet default_kernels() {
-  return {"DEFAULT", &DEFAULT::sq_norm_partials, &DEFAULT::momentum_update};
+  return {"DEFAULT", &DEFAULT::sq_norm_partials, &DEFAULT::momentum_update, &DEFAULT::momentum_update_f64};
 }
 
 }  // namespace zenith_fused::cpu

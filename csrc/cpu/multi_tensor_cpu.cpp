@@ -1,4 +1,4 @@
-// The CPU multi-tensor harness: chunk tables, the choice of kernel build, and the parallel loop.
+// The CPU multi-tensor harness: the choice of kernel build, and the parallel loop over chunks.
 #include "multi_tensor_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -38,21 +38,6 @@ KernelSet choose_kernels() {
 const KernelSet& kernels() {
   static const KernelSet chosen = choose_kernels();
   return chosen;
-}
-
-std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels, int64_t chunk_size) {
-  int64_t count = 0;
-  for (const int64_t n : numels) {
-    count += (n + chunk_size - 1) / chunk_size;
-  }
-  std::vector<Chunk> chunks;
-  chunks.reserve(count);
-  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
-    for (int64_t begin = 0; begin < numels[t]; begin += chunk_size) {
-      chunks.push_back({t, begin, std::min(chunk_size, numels[t] - begin)});
-    }
-  }
-  return chunks;
 }
 
 void parallel_over_chunks(const std::vector<Chunk>& chunks,

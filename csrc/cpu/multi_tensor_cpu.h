@@ -1,6 +1,8 @@
-// The CPU multi-tensor harness: the plain tables one call of a fused kernel walks, and the
+// The CPU multi-tensor harness: the plain per-call tables one fused kernel walks, and the
 // interface between the harness (multi_tensor_cpu.cpp, which splits the work and runs it on
-// ATen's intra-op threads) and the kernels (kernels_cpu.h, compiled once per instruction set).
+// ATen's intra-op threads), the bindings (bindings_cpu.cpp, which fill the tables from the
+// tensor table of zenith_fused/_table.py) and the kernels (kernels_cpu.h, compiled once per
+// instruction set).
 //
 // Only plain types here: the kernel files include this header before they switch instruction
 // set, and nothing in it may be compiled for AVX2 or AVX512.
@@ -22,45 +24,46 @@
 
 namespace zenith_fused::cpu {
 
-// Every tensor is cut into chunks of a fixed number of elements (the last one shorter). A chunk
-// is the unit of work of a thread and the slot of one squared-norm partial, so the partials do
-// not depend on how many threads run.
+// One row of the chunk table, with its length resolved: the unit of work of a thread and the
+// slot of one squared-norm partial, so the partials do not depend on how many threads run.
 struct Chunk {
-  int64_t tensor;  // index into the call's tensor list
+  int64_t tensor;  // row of the tensor table
   int64_t begin;   // first element, counted in storage order
-  int64_t size;
+  int64_t size;    // 0 for the one chunk of an empty tensor
 };
 
-std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels, int64_t chunk_size);
-
-// One tensor of a momentum update, resolved on the host before the parallel loop: the
-// hyper-parameters of its group as float32 (as the reference rounds them) and whether its
-// momentum buffer is filled with d at this step.
+// One tensor of a momentum update, resolved on the host before the parallel loop, with its
+// group's hyper-parameters in the compute type Acc (float, or double for float64 tensors).
+template <typename Acc>
 struct UpdateTensor {
   void* param;
   const void* grad;
   void* momentum_buffer;  // null when the group's momentum is 0
-  float grad_multiplier;  // unscaling and clipping, from the history (1 without either)
-  float step_lr;          // lr * lr_scale, one float32 product as in the reference
-  float momentum;
-  float one_minus_dampening;
-  float weight_decay;
-  float sign;  // -1 when maximizing, else 1
+  Acc grad_multiplier;    // unscaling and clipping, from the history (1 without either)
+  Acc step_lr;            // lr * lr_scale: one product in Acc, as in the reference
+  Acc momentum;
+  Acc one_minus_dampening;
+  Acc weight_decay;
+  Acc sign;  // -1 when maximizing, else 1
   bool nesterov;
   bool first;  // momentum_step was 0 (never filled) or equals this step
 };
 
-// partials[i] = sum of float(g)^2 over chunks[i], for i < num_chunks.
+// partials[i] = sum of g^2 over chunks[i], for i < num_chunks; grads[t] is tensor t's gradient.
 using SqNormPartialsFn = void (*)(ScalarKind kind, const void* const* grads, const Chunk* chunks,
                                   int64_t num_chunks, float* partials);
-// Steps every element of chunks[0, num_chunks) of `tensors`.
-using MomentumUpdateFn = void (*)(ScalarKind kind, const UpdateTensor* tensors, const Chunk* chunks,
+// Steps every element of chunks[0, num_chunks) of `tensors`: float32 arithmetic for Float, Half
+// and BFloat16 tensors (MomentumUpdateFn), float64 for Double ones (MomentumUpdateF64Fn).
+using MomentumUpdateFn = void (*)(ScalarKind kind, const UpdateTensor<float>* tensors, const Chunk* chunks,
                                   int64_t num_chunks);
+using MomentumUpdateF64Fn = void (*)(const UpdateTensor<double>* tensors, const Chunk* chunks,
+                                     int64_t num_chunks);
 
 struct KernelSet {
   const char* isa;  // "DEFAULT", "AVX2" or "AVX512", as torch.backends.cpu names them
   SqNormPartialsFn sq_norm_partials;
   MomentumUpdateFn momentum_update;
+  MomentumUpdateF64Fn momentum_update_f64;
 };
 
 // One per build of kernels_cpu.h; a build this compiler cannot make has null function pointers.
