@@ -1,9 +1,10 @@
 """The compiled CPU backend ("cpu", csrc/cpu/): what is specific to it.
 
 tests/test_conformance.py runs every backend, this one included, through the optimizer's options.
-Here: the operators one by one against zenith_fused/reference.py (bit for bit where the math
-allows), thread counts, the instruction-set builds, layouts, many tensors, error messages, and
-the operators under torch.compile.
+Here: the three operators one by one, called with the bucket tables of zenith_fused/_table.py
+exactly as the step plan calls them, against zenith_fused/reference.py (bit for bit where the math
+allows) on fresh random inputs; thread counts; the instruction-set builds; float64; corrupt
+history; every argument-check message; then the optimizer end to end.
 
 Tolerances (helpers.TOLERANCES, helpers.HISTORY_TOL) apply only where the optimizer runs end to
 end: the update itself is bit-identical to the reference for an equal lr_scale
@@ -15,9 +16,12 @@ resynchronised after every step so that flips cannot accumulate.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -33,13 +37,13 @@ from helpers import (
     snapshot,
     twin_optimizers,
 )
-from zenith_fused import ZenithFused, _ext, reference
-from zenith_fused._engines import hyperparam_rows, resolve_backend
-from zenith_fused.reference import GroupHyperparams, StepInputs, ZenithHistory
+from zenith_fused import ZenithFused, _ext, _table, reference
+from zenith_fused.reference import HISTORY_FIELDS, GroupHyperparams, StepInputs, ZenithHistory, compute_dtype
 
 REASON = _ext.unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the compiled CPU kernels are unavailable: {REASON}")
 
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 DEFAULT_CHUNK = 32768  # CpuEngine.chunk_size
 # Sizes 0, 1, below / at / above one vector block and the 32 norm lanes, odd, several chunks of 64.
 SHAPES = [(0,), (1,), (7,), (31,), (32,), (33,), (3, 5, 7), (2, 129), (1000,)]
@@ -91,34 +95,91 @@ def _random(shape, dtype, gen):
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-def _update_inputs(dtype, shapes, slots, *, filled_at: int, seed: int = 0):
-    """params, grads, momentum buffers and steps, as the optimizer would pass them."""
+def _rows(hyperparams):
+    """hyperparam_table's rows: (lr, momentum, 1 - dampening, weight_decay, nesterov, maximize)."""
+    return [
+        (float(hp.lr), hp.momentum, 1 - hp.dampening, hp.weight_decay, float(hp.nesterov), float(hp.maximize))
+        for hp in hyperparams
+    ]
+
+
+@dataclass
+class Bucket:
+    """One (device, dtype) bucket as the step plan hands it to the operators, with the tensors the
+    tables point at (kept alive here)."""
+
+    dtype: torch.dtype
+    params: list
+    grads: list
+    buffers: list
+    steps: list
+    slots: list
+    placeholder: torch.Tensor
+    table: _table.TensorTable
+    hyperparams: torch.Tensor
+    lr_ptrs: torch.Tensor
+    lrs: list  # the lr each group's lr_ptrs entry points at, as a tensor of the compute dtype
+
+    def reference_hyperparams(self):
+        # A tensor lr of the compute dtype: the reference rounds it to nothing else.
+        return [GroupHyperparams(lr=self.lrs[k], momentum=HYPERPARAMS[k].momentum,
+                                 dampening=HYPERPARAMS[k].dampening, weight_decay=HYPERPARAMS[k].weight_decay,
+                                 nesterov=HYPERPARAMS[k].nesterov, maximize=HYPERPARAMS[k].maximize)
+                for k in self.slots]
+
+
+def _bucket(dtype, shapes, slots, *, filled_at=0, chunk_size=64, seed=0, tensor_lrs=False):
+    """A bucket of random tensors; with ``tensor_lrs`` every group's lr_ptrs entry points at a
+    separate tensor lr and the table's own lr column holds a wrong value, which no kernel may read."""
     gen = torch.Generator().manual_seed(seed)
     params = [_random(s, dtype, gen) for s in shapes]
     grads = [_random(s, dtype, gen) for s in shapes]
     buffers = [_random(s, dtype, gen) if HYPERPARAMS[k].momentum else None for s, k in zip(shapes, slots)]
     steps = [torch.tensor(filled_at) if HYPERPARAMS[k].momentum else None for k in slots]
-    return params, grads, buffers, steps
+    placeholder = torch.zeros((), dtype=torch.int64)
+    table = _table.build_tensor_table(params, grads, buffers, steps, slots, chunk_size=chunk_size,
+                                      placeholder_step=placeholder)
+    compute = compute_dtype(dtype)
+    rows = _rows(HYPERPARAMS)
+    if tensor_lrs:
+        rows = [(1e6,) + row[1:] for row in rows]
+    hyperparams, lr_ptrs = _table.hyperparam_table(rows, compute, torch.device("cpu"))
+    if tensor_lrs:
+        lrs = [torch.tensor(hp.lr * 1.37, dtype=compute) for hp in HYPERPARAMS]
+        lr_ptrs.copy_(torch.tensor([lr.data_ptr() for lr in lrs]))
+    else:
+        lrs = [hyperparams[k, _table.LR] for k in range(len(HYPERPARAMS))]
+    return Bucket(dtype, params, grads, buffers, steps, slots, placeholder, table, hyperparams, lr_ptrs, lrs)
 
 
 def _clone_all(tensors):
     return [None if t is None else t.clone() for t in tensors]
 
 
-def _run_update(params, grads, buffers, steps, slots, *, lr_scale, step, applied, chunk_size, grad_multiplier=1.0):
-    table = torch.tensor(hyperparam_rows(HYPERPARAMS), dtype=torch.float32)
-    ops().momentum_update(
-        params, grads, buffers, steps, table, slots, torch.tensor(lr_scale), torch.tensor(step),
-        torch.tensor(applied, dtype=torch.int32), torch.tensor(grad_multiplier), chunk_size,
-    )
+def _step_scalars(*, lr_scale=0.7312345, step=5, applied=1, grad_multiplier=1.0):
+    return dict(lr_scale=torch.tensor(lr_scale), step=torch.tensor(step),
+                step_applied=torch.tensor(applied, dtype=torch.int32), grad_multiplier=torch.tensor(grad_multiplier))
+
+
+def _run_update(b: Bucket, **scalars):
+    s = _step_scalars(**scalars)
+    ops().momentum_update(b.table.tensors, b.table.chunks, b.dtype, b.table.chunk_size, b.table.has_momentum,
+                          b.hyperparams, b.lr_ptrs, s["lr_scale"], s["step"], s["step_applied"], s["grad_multiplier"])
+
+
+def _run_reference_update(b: Bucket, params, buffers, steps, **scalars):
+    reference.momentum_update(params, b.grads, buffers, steps, b.reference_hyperparams(), **_step_scalars(**scalars))
+
+
+def _sq_norm_partials(b: Bucket):
+    out = torch.full((b.table.num_chunks,), float("nan"))
+    ops().sq_norm_partials(b.table.tensors, b.table.chunks, b.dtype, b.table.chunk_size, out)
+    return out
 
 
 def _update_history(history: ZenithHistory, partials, inputs: StepInputs = StepInputs()):
-    ops().update_history(
-        partials, history.step, history.norm_window, history.window_max, history.skipped_steps,
-        history.grad_norm, history.lr_scale, history.step_applied, history.grad_multiplier,
-        inputs.grad_scale, inputs.found_inf, inputs.max_grad_norm,
-    )
+    ops().update_history(partials, history.kernel_tensors(), inputs.grad_scale, inputs.found_inf,
+                         inputs.max_grad_norm)
 
 
 def _assert_lists_equal(actual, expected, what):
@@ -129,66 +190,109 @@ def _assert_lists_equal(actual, expected, what):
         assert torch.equal(a, e), f"{what}[{i}] of shape {tuple(e.shape)} differs in {(a != e).sum().item()} elements"
 
 
+def _slots(n):
+    return [i % len(HYPERPARAMS) for i in range(n)]
+
+
 # ------------------------------------------------------------------ the operators, bit for bit
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("filled_at", [0, 5, 3], ids=["never-filled", "filled-this-step", "filled-before"])
 @pytest.mark.parametrize("chunk_size", [64, DEFAULT_CHUNK])
 @pytest.mark.parametrize("grad_multiplier", [1.0, 0.0123457], ids=["plain", "unscaled-clipped"])
 def test_update_is_bit_identical_to_reference(dtype, filled_at, chunk_size, grad_multiplier, threads):
-    shapes = GROUP_SHAPES
-    slots = [i % len(HYPERPARAMS) for i in range(len(shapes))]
-    params, grads, buffers, steps = _update_inputs(dtype, shapes, slots, filled_at=filled_at)
-    ref_params, ref_buffers, ref_steps = _clone_all(params), _clone_all(buffers), _clone_all(steps)
+    b = _bucket(dtype, GROUP_SHAPES, _slots(len(GROUP_SHAPES)), filled_at=filled_at, chunk_size=chunk_size,
+                seed=filled_at + chunk_size)
+    initial = _clone_all(b.params)
+    ref_params, ref_buffers, ref_steps = _clone_all(b.params), _clone_all(b.buffers), _clone_all(b.steps)
 
-    _run_update(params, grads, buffers, steps, slots, lr_scale=0.7312345, step=5, applied=1, chunk_size=chunk_size,
-                grad_multiplier=grad_multiplier)
-    reference.momentum_update(
-        ref_params, grads, ref_buffers, ref_steps, [HYPERPARAMS[k] for k in slots],
-        lr_scale=torch.tensor(0.7312345), step=torch.tensor(5), step_applied=torch.tensor(1, dtype=torch.int32),
-        grad_multiplier=torch.tensor(grad_multiplier),
-    )
-    _assert_lists_equal(params, ref_params, "params")
-    _assert_lists_equal(buffers, ref_buffers, "momentum_buffers")
-    _assert_lists_equal(steps, ref_steps, "momentum_steps")
+    _run_update(b, grad_multiplier=grad_multiplier)
+    _run_reference_update(b, ref_params, ref_buffers, ref_steps, grad_multiplier=grad_multiplier)
+    _assert_lists_equal(b.params, ref_params, "params")
+    _assert_lists_equal(b.buffers, ref_buffers, "momentum_buffers")
+    _assert_lists_equal(b.steps, ref_steps, "momentum_steps")
     # The test would be empty if nothing moved.
-    assert not torch.equal(params[-1], _update_inputs(dtype, shapes, slots, filled_at=filled_at)[0][-1])
+    assert not torch.equal(b.params[-1], initial[-1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lr_is_read_through_lr_ptrs(dtype):
+    """The table's own lr column holds 1e6; each group's lr_ptrs entry points at a tensor lr."""
+    b = _bucket(dtype, GROUP_SHAPES, _slots(len(GROUP_SHAPES)), tensor_lrs=True)
+    ref_params, ref_buffers, ref_steps = _clone_all(b.params), _clone_all(b.buffers), _clone_all(b.steps)
+    _run_update(b)
+    _run_reference_update(b, ref_params, ref_buffers, ref_steps)
+    _assert_lists_equal(b.params, ref_params, "params")
+    # A scheduler writing the tensor lr in place is seen by the next call, with no new table.
+    for lr in b.lrs:
+        lr.mul_(0.5)
+    _run_update(b, step=6)
+    _run_reference_update(b, ref_params, ref_buffers, ref_steps, step=6)
+    _assert_lists_equal(b.params, ref_params, "params")
+    _assert_lists_equal(b.buffers, ref_buffers, "momentum_buffers")
+
+
+def test_bucket_without_momentum_never_touches_the_stand_in_buffers():
+    shapes = [(5,), (300,), (0,)]
+    b = _bucket(torch.float32, shapes, [1, 1, 1])  # group 1 has momentum 0
+    assert not b.table.has_momentum
+    ref_params = _clone_all(b.params)
+    placeholder_before = b.placeholder.clone()
+    _run_update(b)
+    reference.momentum_update(ref_params, b.grads, b.buffers, b.steps, b.reference_hyperparams(),
+                              **_step_scalars())
+    _assert_lists_equal(b.params, ref_params, "params")  # a write through the stand-in would show here
+    assert torch.equal(b.placeholder, placeholder_before)
+
+
+def test_float64_is_computed_in_float64():
+    """Issue 12's example: float32 arithmetic would leave 1.0 and 0.10000000149011612."""
+    p = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    g = torch.full((2,), 1e-9, dtype=torch.float64)
+    placeholder = torch.zeros((), dtype=torch.int64)
+    table = _table.build_tensor_table([p], [g], [None], [None], [0], chunk_size=64, placeholder_step=placeholder)
+    hyperparams, lr_ptrs = _table.hyperparam_table([(1.0, 0.0, 1.0, 0.0, 0.0, 0.0)], torch.float64,
+                                                   torch.device("cpu"))
+    s = _step_scalars(lr_scale=1.0)
+    ops().momentum_update(table.tensors, table.chunks, torch.float64, 64, False, hyperparams, lr_ptrs,
+                          s["lr_scale"], s["step"], s["step_applied"], s["grad_multiplier"])
+    assert p.tolist() == [1.0 - 1e-9, 0.1 - 1e-9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_skipped_step_changes_nothing(dtype):
-    shapes = GROUP_SHAPES
-    slots = [i % len(HYPERPARAMS) for i in range(len(shapes))]
-    params, grads, buffers, steps = _update_inputs(dtype, shapes, slots, filled_at=0)
-    before = (_clone_all(params), _clone_all(buffers), _clone_all(steps))
-    _run_update(params, grads, buffers, steps, slots, lr_scale=0.5, step=4, applied=0, chunk_size=64)
-    _assert_lists_equal(params, before[0], "params")
-    _assert_lists_equal(buffers, before[1], "momentum_buffers")
-    _assert_lists_equal(steps, before[2], "momentum_steps")
+    b = _bucket(dtype, GROUP_SHAPES, _slots(len(GROUP_SHAPES)), filled_at=0)
+    before = (_clone_all(b.params), _clone_all(b.buffers), _clone_all(b.steps))
+    _run_update(b, lr_scale=0.5, step=4, applied=0)
+    _assert_lists_equal(b.params, before[0], "params")
+    _assert_lists_equal(b.buffers, before[1], "momentum_buffers")
+    _assert_lists_equal(b.steps, before[2], "momentum_steps")
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("chunk_size", [64, DEFAULT_CHUNK])
 def test_sq_norm_partials_are_per_chunk_and_thread_independent(dtype, chunk_size):
-    gen = torch.Generator().manual_seed(3)
     sizes = [0, 1, 31, 32, 33, 1000, 3 * chunk_size + 5, 70001]
-    grads = [_random(n, dtype, gen) for n in sizes]
+    b = _bucket(dtype, [(n,) for n in sizes], [1] * len(sizes), chunk_size=chunk_size, seed=3)
     results = {}
     before = torch.get_num_threads()
     try:
         for n_threads in (1, 2, 2):
             torch.set_num_threads(n_threads)
-            results.setdefault(n_threads, []).append(ops().sq_norm_partials(grads, chunk_size))
+            results.setdefault(n_threads, []).append(_sq_norm_partials(b))
     finally:
         torch.set_num_threads(before)
 
-    # In float64, of the float32 values the kernels square (float64 gradients are rounded first).
+    # In float64, of the values the kernels square (float32 for half types, float64 for float64);
+    # an empty tensor's one chunk has partial 0.
     expected = torch.cat([
-        torch.stack([chunk.sum() for chunk in g.float().double().square().split(chunk_size)])
-        for g in grads if g.numel()
+        torch.stack([chunk.sum() for chunk in g.to(compute_dtype(dtype)).double().square().split(chunk_size)])
+        if g.numel() else torch.zeros(1, dtype=torch.float64)
+        for g in b.grads
     ])
     partials = results[1][0]
-    assert partials.dtype == torch.float32 and partials.shape == expected.shape
-    torch.testing.assert_close(partials.double(), expected, rtol=1e-5, atol=0)
+    assert partials.dtype == torch.float32 and partials.shape == expected.shape == (b.table.num_chunks,)
+    rtol = 2**-22 if dtype == torch.float64 else 1e-5  # float64: exact sum, one float32 rounding
+    torch.testing.assert_close(partials.double(), expected, rtol=rtol, atol=0)
     # Fixed chunks reduced in a fixed order: the same bits on every run and for any thread count.
     for other in results[2]:
         assert torch.equal(other, partials)
@@ -201,7 +305,7 @@ def test_sq_norm_partials_are_per_chunk_and_thread_independent(dtype, chunk_size
         StepInputs(),
         StepInputs(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0)),
         StepInputs(max_grad_norm=0.8),
-        StepInputs(grad_scale=torch.tensor(3.0), max_grad_norm=2.5),
+        StepInputs(grad_scale=torch.tensor([3.0]), max_grad_norm=2.5),
     ],
     ids=["plain", "grad-scaler", "clipped", "scaled-and-clipped"],
 )
@@ -219,7 +323,9 @@ def test_update_history_matches_reference(window_size, inputs):
         if k == 3:
             partials[0] = float("nan")
         _update_history(ours, partials, inputs)
-        reference.update_history(ref, partials, inputs)
+        reference.update_history(ref, partials, StepInputs(
+            grad_scale=None if inputs.grad_scale is None else inputs.grad_scale.reshape(()),
+            found_inf=inputs.found_inf, max_grad_norm=inputs.max_grad_norm))
         assert ours.step.item() == ref.step.item() and ours.skipped_steps.item() == ref.skipped_steps.item()
         assert ours.step_applied.item() == ref.step_applied.item()
         for name in ("grad_norm", "lr_scale", "window_max", "norm_window", "grad_multiplier"):
@@ -234,25 +340,94 @@ def test_update_history_matches_reference(window_size, inputs):
 def test_found_inf_skips_the_step():
     ours = ZenithHistory.zeros(3, torch.device("cpu"))
     for found_inf, applied in ((0.0, 1), (1.0, 0), (0.0, 1)):
-        _update_history(ours, torch.tensor([4.0, 5.0]), StepInputs(found_inf=torch.tensor(found_inf)))
+        _update_history(ours, torch.tensor([4.0, 5.0]), StepInputs(found_inf=torch.tensor([[found_inf]])))
         assert ours.step_applied.item() == applied
     assert ours.step.item() == 2 and ours.skipped_steps.item() == 1
     assert ours.norm_window.tolist() == [3.0, 3.0, 0.0]
 
 
-# Run in a fresh process: ATen reads ATEN_CPU_CAPABILITY once, at its first dispatch.
+def _guarded_history(window_size, step, guard=8):
+    """A history whose window sits between two guard regions of NaN, to catch stray writes."""
+    storage = torch.full((guard + window_size + guard,), float("nan"))
+    history = ZenithHistory.zeros(window_size, torch.device("cpu"))
+    history.norm_window = storage[guard:guard + window_size]
+    history.norm_window.fill_(1.0)
+    history.window_max.fill_(1.0)
+    history.step.fill_(step)
+    return history, storage, guard
+
+
+@pytest.mark.parametrize("window_size", [1, 4, 100])
+@pytest.mark.parametrize("step", [-1, -5, -(2**63)], ids=["minus1", "minus5", "int64-min"])
+def test_a_negative_step_writes_inside_the_window(window_size, step):
+    ours, storage, guard = _guarded_history(window_size, step)
+    ref, _, _ = _guarded_history(window_size, step)
+    _update_history(ours, torch.tensor([9.0]))
+    reference.update_history(ref, torch.tensor([9.0]))
+    assert storage[:guard].isnan().all() and storage[guard + window_size:].isnan().all()
+    slot = step % window_size  # Python's modulo: in [0, W)
+    assert ours.norm_window[slot].item() == 3.0
+    assert torch.equal(ours.norm_window, ref.norm_window)
+    assert ours.step.item() == step + 1
+    assert 0.0 < ours.lr_scale.item() <= 1.0 and math.isfinite(ours.window_max.item())
+
+
+def test_the_largest_step_does_not_overflow():
+    ours, storage, guard = _guarded_history(4, 2**63 - 1)
+    _update_history(ours, torch.tensor([9.0]))
+    assert ours.step.item() == 2**63 - 1  # saturates instead of wrapping to a negative count
+    assert storage[:guard].isnan().all() and storage[guard + 4:].isnan().all()
+    assert ours.norm_window[(2**63 - 1) % 4].item() == 3.0
+    assert 0.0 < ours.lr_scale.item() <= 1.0
+
+
+def test_common_h_repeats_the_python_constants():
+    """csrc/common.h's column numbers and history order are _table's and reference's."""
+    text = open(os.path.join(CSRC, "common.h")).read()
+
+    def constants(namespace):
+        body = re.search(rf"namespace {namespace} {{(.*?)}}", text, re.S).group(1)
+        return {name: int(value) for name, value in re.findall(r"constexpr int (k\w+) = (\d+);", body)}
+
+    def snake(name):
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", name[1:]).upper()
+
+    tensor = constants("tensor_column")
+    assert tensor.pop("kColumns") == _table.TENSOR_COLUMNS
+    assert {snake(k): v for k, v in tensor.items()} == {
+        k: getattr(_table, k) for k in ("PARAM", "GRAD", "MOMENTUM_BUFFER", "MOMENTUM_STEP", "NUMEL", "HYPERPARAM_SLOT")
+    }
+    hyper = constants("hyperparam")
+    assert hyper.pop("kColumns") == _table.HYPERPARAM_COLUMNS
+    assert {snake(k): v for k, v in hyper.items()} == {
+        k: getattr(_table, k) for k in ("LR", "MOMENTUM", "ONE_MINUS_DAMPENING", "WEIGHT_DECAY", "NESTEROV", "MAXIMIZE")
+    }
+    history = constants("history_field")
+    assert history.pop("kCount") == len(HISTORY_FIELDS)
+    assert {snake(k).lower(): v for k, v in history.items()} == {name: i for i, name in enumerate(HISTORY_FIELDS)}
+    assert constants("chunk_column") == {"kTensor": 0, "kStart": 1, "kColumns": 2}
+
+
+# Run in a fresh process: ATen reads ATEN_CPU_CAPABILITY once, at its first dispatch. The tables
+# hold addresses, so each process builds its own from the same tensors.
 _ISA_CHILD = r"""
 import sys, torch
 import zenith_fused._ext as ext
+from zenith_fused import _table
+from zenith_fused.reference import compute_dtype
 assert ext.unavailable_reason("cpu") is None
 inputs = torch.load(sys.argv[1])
 out = {"isa": torch.ops.zenith_fused.cpu_kernel_isa(), "partials": {}, "params": {}}
-for name, grads in inputs["grads"].items():
-    out["partials"][name] = torch.ops.zenith_fused.sq_norm_partials(grads, 64)
-for name, (params, grads, buffers, steps, table, slots) in inputs["update"].items():
-    torch.ops.zenith_fused.momentum_update(params, grads, buffers, steps, table, slots, torch.tensor(0.75),
-                                           torch.tensor(2), torch.tensor(1, dtype=torch.int32), torch.tensor(0.5),
-                                           64)
+placeholder = torch.zeros((), dtype=torch.int64)
+for name, (dtype, params, grads, buffers, steps, slots, rows) in inputs.items():
+    table = _table.build_tensor_table(params, grads, buffers, steps, slots, chunk_size=64, placeholder_step=placeholder)
+    partials = torch.empty(table.num_chunks)
+    torch.ops.zenith_fused.sq_norm_partials(table.tensors, table.chunks, dtype, 64, partials)
+    hyperparams, lr_ptrs = _table.hyperparam_table(rows, compute_dtype(dtype), torch.device("cpu"))
+    torch.ops.zenith_fused.momentum_update(table.tensors, table.chunks, dtype, 64, table.has_momentum, hyperparams,
+                                           lr_ptrs, torch.tensor(0.75), torch.tensor(2),
+                                           torch.tensor(1, dtype=torch.int32), torch.tensor(0.5))
+    out["partials"][name] = partials
     out["params"][name] = (params, buffers)
 torch.save(out, sys.argv[2])
 """
@@ -264,15 +439,11 @@ def test_every_instruction_set_build_gives_the_same_bits(isa, tmp_path):
     here = ops().cpu_kernel_isa()
     if here not in _ISA_ORDER or _ISA_ORDER.index(isa) >= _ISA_ORDER.index(here):
         pytest.skip(f"this process runs the {here} build; {isa} is compared only against a wider one")
-    gen = torch.Generator().manual_seed(11)
     sizes = [1, 31, 33, 64, 1000, 4099]
-    inputs = {"grads": {}, "update": {}}
-    for dtype in ALL_DTYPES:
-        inputs["grads"][str(dtype)] = [_random(n, dtype, gen) for n in sizes]
-        slots = [i % len(HYPERPARAMS) for i in range(len(sizes))]
-        params, grads, buffers, steps = _update_inputs(dtype, [(n,) for n in sizes], slots, filled_at=1)
-        table = torch.tensor(hyperparam_rows(HYPERPARAMS), dtype=torch.float32)
-        inputs["update"][str(dtype)] = (params, grads, buffers, steps, table, slots)
+    buckets = {str(dtype): _bucket(dtype, [(n,) for n in sizes], _slots(len(sizes)), filled_at=1, seed=11)
+               for dtype in ALL_DTYPES}
+    inputs = {name: (b.dtype, b.params, b.grads, b.buffers, b.steps, b.slots, _rows(HYPERPARAMS))
+              for name, b in buckets.items()}
     torch.save(inputs, tmp_path / "inputs.pt")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
     result = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
@@ -281,17 +452,12 @@ def test_every_instruction_set_build_gives_the_same_bits(isa, tmp_path):
     theirs = torch.load(tmp_path / "out.pt")
     assert theirs["isa"] == isa
 
-    ours = {"isa": here, "partials": {}, "params": {}}
-    for name, grads in inputs["grads"].items():
-        ours["partials"][name] = ops().sq_norm_partials(grads, 64)
-    for name, (params, grads, buffers, steps, table, slots) in inputs["update"].items():
-        _run_update(params, grads, buffers, steps, slots, lr_scale=0.75, step=2, applied=1, chunk_size=64,
-                    grad_multiplier=0.5)
-        ours["params"][name] = (params, buffers)
-    for name in ours["partials"]:
-        assert torch.equal(ours["partials"][name], theirs["partials"][name]), f"{name} partials: {here} != {isa}"
-        _assert_lists_equal(theirs["params"][name][0], ours["params"][name][0], f"{name} params ({isa})")
-        _assert_lists_equal(theirs["params"][name][1], ours["params"][name][1], f"{name} buffers ({isa})")
+    for name, b in buckets.items():
+        partials = _sq_norm_partials(b)
+        _run_update(b, lr_scale=0.75, step=2, grad_multiplier=0.5)
+        assert torch.equal(partials, theirs["partials"][name]), f"{name} partials: {here} != {isa}"
+        _assert_lists_equal(theirs["params"][name][0], b.params, f"{name} params ({isa})")
+        _assert_lists_equal(theirs["params"][name][1], b.buffers, f"{name} buffers ({isa})")
 
 
 # ------------------------------------------------------------------ the optimizer end to end
@@ -428,123 +594,157 @@ def test_non_dense_parameter_raises_a_clear_error():
 
 
 # ------------------------------------------------------------------ errors raised by the operators
-def _valid_update_args(n=3):
-    slots = [0] * n
-    params, grads, buffers, steps = _update_inputs(torch.float32, [(5, 4)] * n, slots, filled_at=0)
-    table = torch.tensor(hyperparam_rows(HYPERPARAMS), dtype=torch.float32)
-    return dict(params=params, grads=grads, momentum_buffers=buffers, momentum_steps=steps, hyperparams=table,
-                hyperparam_slots=slots, lr_scale=torch.tensor(1.0), step=torch.tensor(1),
-                step_applied=torch.tensor(1, dtype=torch.int32), grad_multiplier=torch.tensor(1.0), chunk_size=64)
+def _update_args():
+    b = _bucket(torch.float32, [(5, 4), (20,), (3,)], [0, 0, 2], filled_at=0, chunk_size=8)
+    args = dict(tensors=b.table.tensors, chunks=b.table.chunks, dtype=b.dtype, chunk_size=8, has_momentum=True,
+                hyperparams=b.hyperparams, lr_ptrs=b.lr_ptrs, **_step_scalars())
+    return b, args
 
 
-def _broken(**changes):
-    def make():
-        args = _valid_update_args()
-        for key, change in changes.items():
-            args[key] = change(args[key])
-        return args
-    return make
+def _table_row(column, row, value):
+    def change(t):
+        t = t.clone()
+        t[row, column] = value
+        return t
+    return change
 
 
-def _replace_last(make_tensor):
-    return lambda tensors: tensors[:-1] + [make_tensor(tensors[-1])]
+UPDATE_ERRORS = {
+    "tensors-dtype": (dict(tensors=lambda t: t.int()), RuntimeError,
+                      r"tensors must be a contiguous int64 tensor of shape \[rows, 6\] on cpu; got Int"),
+    "tensors-columns": (dict(tensors=lambda t: t[:, :5]), RuntimeError,
+                        r"tensors must be a contiguous int64 tensor of shape \[rows, 6\]"),
+    "chunks-shape": (dict(chunks=lambda t: t.reshape(-1)), RuntimeError,
+                     r"chunks must be a contiguous int64 tensor of shape \[rows, 2\] on cpu; got Long of shape \[14\]"),
+    "chunk-size": (dict(chunk_size=lambda c: 0), RuntimeError, "chunk_size must be positive; got 0"),
+    "int-dtype": (dict(dtype=lambda d: torch.int32), TypeError,
+                  "the fused kernels support float32, float16, bfloat16 and float64 tensors; got Int"),
+    "hyperparams-dtype": (dict(hyperparams=lambda h: h.double()), RuntimeError,
+                          r"hyperparams must be a contiguous Float tensor \(the compute dtype of Float\) of shape "
+                          r"\[groups, 6\] on cpu; got Double"),
+    "lr-ptrs-length": (dict(lr_ptrs=lambda t: t[:2]), RuntimeError,
+                       r"lr_ptrs must be a contiguous int64 tensor of shape \[4\] \(one address per hyperparams row\)"),
+    "lr-scale-dtype": (dict(lr_scale=lambda t: t.double()), RuntimeError,
+                       r"lr_scale must be a one-element Float tensor on cpu; got Double of shape \[\]"),
+    "step-dtype": (dict(step=lambda t: t.int()), RuntimeError, "step must be a one-element Long tensor"),
+    "step-applied-shape": (dict(step_applied=lambda t: t.repeat(2)), RuntimeError,
+                           r"step_applied must be a one-element Int tensor on cpu; got Int of shape \[2\]"),
+    "grad-multiplier-dtype": (dict(grad_multiplier=lambda t: t.half()), RuntimeError,
+                              "grad_multiplier must be a one-element Float tensor"),
+    "slot": (dict(tensors=_table_row(_table.HYPERPARAM_SLOT, 2, 7)), RuntimeError,
+             r"tensors\[2\] has hyper-parameter slot 7, which is not a row of the 4-row hyperparams table"),
+    "chunk-tensor": (dict(chunks=_table_row(0, 1, 9)), RuntimeError,
+                     r"chunks\[1\] names tensor 9, which is not a row of the 3-row tensor table"),
+    "chunk-start": (dict(chunks=_table_row(1, 6, 100)), RuntimeError,
+                    r"chunks\[6\] starts at element 100 of tensor 2, which has 3 elements"),
+}
 
 
-@pytest.mark.parametrize(
-    "make_args,error,match",
-    [
-        (_broken(grads=_replace_last(lambda g: g.t().contiguous().t())), RuntimeError,
-         r"grads\[2\] has strides \[1, 5\] but params\[2\] has strides \[4, 1\]"),
-        (_broken(params=_replace_last(lambda p: p[:, :2])), RuntimeError, r"params\[2\] .* is not dense"),
-        (_broken(grads=_replace_last(lambda g: g.double())), TypeError, r"grads\[2\] has dtype Double, expected Float"),
-        (_broken(hyperparam_slots=lambda s: s[:-1] + [7]), RuntimeError,
-         r"hyperparam_slots\[2\] = 7 is not a row of the 4-row hyperparams table"),
-        (_broken(momentum_buffers=lambda b: b[:-1] + [None]), RuntimeError,
-         r"params\[2\] belongs to a group with momentum but has no momentum buffer"),
-        (_broken(grads=lambda g: g[:-1]), RuntimeError, "must have one entry per tensor; got 3, 2"),
-        (_broken(lr_scale=lambda t: t.double()), RuntimeError, "lr_scale must be a one-element Float tensor"),
-        (_broken(chunk_size=lambda c: 0), RuntimeError, "chunk_size must be positive; got 0"),
-        (_broken(momentum_steps=_replace_last(lambda s: s.int())), RuntimeError,
-         r"momentum_steps\[2\] must be a one-element int64 CPU tensor"),
-        (_broken(params=lambda ps: [p.int() for p in ps], grads=lambda gs: [g.int() for g in gs]), TypeError,
-         "the fused kernels support float32, float16, bfloat16 and float64 tensors; got Int"),
-    ],
-    ids=["grad-strides", "param-not-dense", "grad-dtype", "slot", "missing-buffer", "lengths", "lr-scale-dtype",
-         "chunk-size", "momentum-step-dtype", "int-params"],
-)
-def test_momentum_update_checks_its_arguments_before_writing(make_args, error, match):
-    args = make_args()
-    steps_before = _clone_all(args["momentum_steps"])
-    params_before = _clone_all(args["params"])
+@pytest.mark.parametrize("change,error,match", UPDATE_ERRORS.values(), ids=UPDATE_ERRORS.keys())
+def test_momentum_update_checks_its_arguments_before_writing(change, error, match):
+    b, args = _update_args()
+    assert b.table.num_chunks == 7  # 3 + 3 + 1 chunks of 8
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    before = (_clone_all(b.params), _clone_all(b.buffers), _clone_all(b.steps))
     with pytest.raises(error, match=match):
         ops().momentum_update(**args)
     # A call that raises has changed nothing, also in the tensors before the faulty one.
-    _assert_lists_equal(args["momentum_steps"], steps_before, "momentum_steps")
-    _assert_lists_equal(args["params"], params_before, "params")
+    _assert_lists_equal(b.params, before[0], "params")
+    _assert_lists_equal(b.buffers, before[1], "momentum_buffers")
+    _assert_lists_equal(b.steps, before[2], "momentum_steps")
 
 
-@pytest.mark.parametrize(
-    "grads,match",
-    [
-        ([torch.randn(3), torch.randn(3, dtype=torch.float64)], r"grads\[1\] has dtype Double, expected Float"),
-        ([torch.randn(4, 6)[:, ::2]], r"grads\[0\] of shape \[4, 3\] and strides \[6, 2\] is not dense"),
-    ],
-    ids=["mixed-dtypes", "not-dense"],
-)
-def test_sq_norm_partials_checks_its_arguments(grads, match):
-    with pytest.raises((RuntimeError, TypeError), match=match):
-        ops().sq_norm_partials(grads, 64)
+def test_sq_norm_partials_checks_out_and_changes_nothing():
+    b = _bucket(torch.float32, [(5,), (100,)], [1, 1])
+    out = torch.full((b.table.num_chunks + 1,), 7.0)
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 tensor of shape \[3\] \(one partial "
+                                           r"per chunk\) on cpu; got Float of shape \[4\]"):
+        ops().sq_norm_partials(b.table.tensors, b.table.chunks, b.dtype, 64, out)
+    bad_chunks = _table_row(0, 0, -1)(b.table.chunks)
+    out = torch.full((b.table.num_chunks,), 7.0)
+    with pytest.raises(RuntimeError, match=r"chunks\[0\] names tensor -1"):
+        ops().sq_norm_partials(b.table.tensors, bad_chunks, b.dtype, 64, out)
+    assert (out == 7.0).all()
 
 
-def test_update_history_checks_its_arguments():
-    h = ZenithHistory.zeros(3, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="step_applied must be a one-element Int tensor"):
-        ops().update_history(torch.ones(2), h.step, h.norm_window, h.window_max, h.skipped_steps, h.grad_norm,
-                             h.lr_scale, h.step_applied.long(), h.grad_multiplier, None, None, None)
-    with pytest.raises(RuntimeError, match="grad_scale must be a one-element Float tensor"):
-        _update_history(h, torch.ones(2), StepInputs(grad_scale=torch.tensor(2.0, dtype=torch.float64)))
+def _history_list():
+    return ZenithHistory.zeros(3, torch.device("cpu")).kernel_tensors()
+
+
+def _replace(index, fn):
+    def change(history):
+        history = list(history)
+        history[index] = fn(history[index])
+        return history
+    return change
+
+
+HISTORY_ERRORS = {
+    "length": (dict(history=lambda h: h[:-1]), "history must hold the 8 tensors of "
+               r"zenith_fused.reference.HISTORY_FIELDS, in that order; got 7"),
+    "window-shape": (dict(history=_replace(1, lambda w: w.reshape(1, 3))),
+                     r"norm_window must be a non-empty contiguous 1-D float32 tensor; got Float of shape \[1, 3\]"),
+    "step-dtype": (dict(history=_replace(0, lambda t: t.int())), "step must be a one-element Long tensor"),
+    "window-max-dtype": (dict(history=_replace(2, lambda t: t.double())), "window_max must be a one-element Float"),
+    "skipped-dtype": (dict(history=_replace(3, lambda t: t.float())), "skipped_steps must be a one-element Long"),
+    "grad-norm-shape": (dict(history=_replace(4, lambda t: t.repeat(2))), "grad_norm must be a one-element Float"),
+    "lr-scale-dtype": (dict(history=_replace(5, lambda t: t.half())), "lr_scale must be a one-element Float"),
+    "step-applied-dtype": (dict(history=_replace(6, lambda t: t.long())), "step_applied must be a one-element Int"),
+    "multiplier-dtype": (dict(history=_replace(7, lambda t: t.double())), "grad_multiplier must be a one-element Float"),
+    "partials-dtype": (dict(partials=lambda t: t.double()), r"sq_norm_partials must be a contiguous 1-D float32 "
+                       r"tensor on cpu \(the history's device\); got Double"),
+    "grad-scale-dtype": (dict(grad_scale=lambda t: torch.tensor(2.0, dtype=torch.float64)),
+                         "grad_scale must be a one-element Float tensor"),
+    "found-inf-shape": (dict(found_inf=lambda t: torch.zeros(2)),
+                        r"found_inf must be a one-element Float tensor on cpu; got Float of shape \[2\]"),
+}
+
+
+@pytest.mark.parametrize("change,match", HISTORY_ERRORS.values(), ids=HISTORY_ERRORS.keys())
+def test_update_history_checks_its_arguments_before_writing(change, match):
+    history = _history_list()
+    args = dict(partials=torch.ones(2), history=history, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    for key, fn in change.items():
+        args[key] = fn(args[key])
+    before = [t.clone() for t in history]
+    with pytest.raises(RuntimeError, match=match):
+        ops().update_history(args["partials"], args["history"], args["grad_scale"], args["found_inf"], 1.0)
+    for name, t, b in zip(HISTORY_FIELDS, history, before):
+        assert torch.equal(t, b), f"{name} changed"
 
 
 # ------------------------------------------------------------------ selection and torch.compile
 def test_auto_selects_the_compiled_cpu_kernels():
+    from zenith_fused._engines import resolve_backend
+
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     p = torch.nn.Parameter(torch.randn(3))
     assert ZenithFused([p])._backend_for(p.device, p.dtype) == "cpu"
 
 
-def _small_op_args():
-    args = _valid_update_args(n=2)
-    history = ZenithHistory.zeros(4, torch.device("cpu"))
-    return args, history
-
-
 def test_operators_pass_torch_library_opcheck():
-    args, h = _small_op_args()
-    torch.library.opcheck(ops().sq_norm_partials.default, (args["grads"], 64))
-    history_args = (torch.rand(3), h.step, h.norm_window, h.window_max, h.skipped_steps, h.grad_norm, h.lr_scale,
-                    h.step_applied, h.grad_multiplier)
-    torch.library.opcheck(ops().update_history.default, history_args + (None, None, None))
-    torch.library.opcheck(ops().update_history.default, history_args + (torch.tensor(8.0), torch.tensor(0.0), 1.5))
+    b, args = _update_args()
+    out = torch.empty(b.table.num_chunks)
+    torch.library.opcheck(ops().sq_norm_partials.default, (b.table.tensors, b.table.chunks, b.dtype, 64, out))
+    history = _history_list()
+    torch.library.opcheck(ops().update_history.default, (torch.rand(3), history, None, None, None))
+    torch.library.opcheck(ops().update_history.default,
+                          (torch.rand(3), history, torch.tensor(8.0), torch.tensor(0.0), 1.5))
     torch.library.opcheck(ops().momentum_update.default, tuple(args.values()))
 
 
-def test_operators_run_under_torch_compile():
-    def step(params, grads, buffers, steps, table, slots, history):
-        partials = ops().sq_norm_partials(grads, 64)
-        ops().update_history(partials, history.step, history.norm_window, history.window_max,
-                             history.skipped_steps, history.grad_norm, history.lr_scale, history.step_applied,
-                             history.grad_multiplier, None, None, 1.0)
-        ops().momentum_update(params, grads, buffers, steps, table, slots, history.lr_scale, history.step,
-                              history.step_applied, history.grad_multiplier, 64)
+def test_norm_and_history_operators_run_under_torch_compile():
+    def norm_and_history(b: Bucket, partials, history):
+        ops().sq_norm_partials(b.table.tensors, b.table.chunks, b.dtype, b.table.chunk_size, partials)
+        ops().update_history(partials, history, None, None, 1.0)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    eager_args, eager_history = _small_op_args()
-    compiled_args, compiled_history = _small_op_args()
-    keys = ("params", "grads", "momentum_buffers", "momentum_steps", "hyperparams", "hyperparam_slots")
+    compiled = torch.compile(norm_and_history, backend="aot_eager", fullgraph=True)
+    b = _bucket(torch.float32, GROUP_SHAPES, _slots(len(GROUP_SHAPES)))
+    eager_history, compiled_history = _history_list(), _history_list()
     for _ in range(3):
-        step(*(eager_args[k] for k in keys), eager_history)
-        compiled(*(compiled_args[k] for k in keys), compiled_history)
-    for k in ("params", "momentum_buffers", "momentum_steps"):
-        _assert_lists_equal(compiled_args[k], eager_args[k], k)
-    assert compiled_history.step.item() == eager_history.step.item() == 3
-    assert torch.equal(compiled_history.norm_window, eager_history.norm_window)
+        norm_and_history(b, torch.empty(b.table.num_chunks), eager_history)
+        compiled(b, torch.empty(b.table.num_chunks), compiled_history)
+    for name, e, c in zip(HISTORY_FIELDS, eager_history, compiled_history):
+        assert torch.equal(c, e), name
+    assert compiled_history[0].item() == 3

@@ -107,21 +107,22 @@ def cuda_kernels_available() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shapes and dtypes of the operators' results without running them (torch.compile, meta)."""
+    """The operators' fake implementations, so that they trace (torch.compile, meta tensors).
+
+    All three only write into their arguments: the history list and ``out`` by schema, and the
+    tensors a table points at by address (callers that trace ``momentum_update`` wrap it in an
+    operator of their own that declares those).
+    """
 
     @torch.library.register_fake("zenith_fused::sq_norm_partials")
-    def _(grads, chunk_size):
-        if not grads:
-            return torch.empty(0, dtype=torch.float32)
-        num_chunks = sum((g.numel() + chunk_size - 1) // chunk_size for g in grads)
-        return grads[0].new_empty((num_chunks,), dtype=torch.float32)
+    def _(tensors, chunks, dtype, chunk_size, out):
+        return None
 
     @torch.library.register_fake("zenith_fused::update_history")
-    def _(sq_norm_partials, step, norm_window, window_max, skipped_steps, grad_norm, lr_scale, step_applied,
-          grad_multiplier, grad_scale, found_inf, max_grad_norm):
+    def _(sq_norm_partials, history, grad_scale, found_inf, max_grad_norm):
         return None
 
     @torch.library.register_fake("zenith_fused::momentum_update")
-    def _(params, grads, momentum_buffers, momentum_steps, hyperparams, hyperparam_slots, lr_scale, step,
-          step_applied, grad_multiplier, chunk_size):
+    def _(tensors, chunks, dtype, chunk_size, has_momentum, hyperparams, lr_ptrs, lr_scale, step, step_applied,
+          grad_multiplier):
         return None

@@ -20,15 +20,9 @@
 namespace zenith_fused::cuda {
 namespace {
 
-void check_grid(const TableInfo& table, const char* op) {
-  TORCH_CHECK(table.num_chunks <= kMaxChunks, op, ": ", table.num_chunks,
-              " chunks do not fit one launch (at most ", kMaxChunks, "); use a larger chunk_size");
-}
-
 void sq_norm_partials(const at::Tensor& tensors, const at::Tensor& chunks, at::ScalarType dtype,
                       int64_t chunk_size, const at::Tensor& out) {
   const TableInfo table = check_sq_norm_partials_args(tensors, chunks, dtype, chunk_size, out);
-  check_grid(table, "zenith_fused::sq_norm_partials");
   const c10::cuda::CUDAGuard guard(table.device);
   C10_CUDA_CHECK(launch_sq_norm_partials(table.kind, tensors.const_data_ptr<int64_t>(),
                                          chunks.const_data_ptr<int64_t>(), table.num_chunks, chunk_size,
@@ -60,7 +54,6 @@ void momentum_update(const at::Tensor& tensors, const at::Tensor& chunks, at::Sc
                      const at::Tensor& step_applied, const at::Tensor& grad_multiplier) {
   const TableInfo table = check_momentum_update_args(tensors, chunks, dtype, chunk_size, hyperparams, lr_ptrs,
                                                      lr_scale, step, step_applied, grad_multiplier);
-  check_grid(table, "zenith_fused::momentum_update");
   const c10::cuda::CUDAGuard guard(table.device);
   C10_CUDA_CHECK(launch_momentum_update(
       table.kind, tensors.const_data_ptr<int64_t>(), chunks.const_data_ptr<int64_t>(), table.num_chunks, chunk_size,

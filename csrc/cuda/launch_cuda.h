@@ -13,12 +13,10 @@
 
 namespace zenith_fused::cuda {
 
-// The most chunks one launch covers (one block per chunk, gridDim.x).
-constexpr int64_t kMaxChunks = 2147483647;
-
 // partials[c] = sum over chunk c of g^2 (in float32, float64 for Double), one block per chunk
 // with a fixed-order reduction: the same bits on every run. `tensors` int64 [N, 6] and `chunks`
-// int64 [num_chunks, 2] are the device tables.
+// int64 [num_chunks, 2] are the device tables. One block per chunk: gridDim.x allows 2^31 - 1,
+// a chunk table of 32 GiB.
 cudaError_t launch_sq_norm_partials(ScalarKind kind, const int64_t* tensors, const int64_t* chunks,
                                     int64_t num_chunks, int64_t chunk_size, float* partials,
                                     cudaStream_t stream);
