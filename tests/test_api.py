@@ -45,6 +45,10 @@ def params(n=2):
         (dict(lr=torch.tensor(1)), ValueError, "Tensor lr must be a floating-point tensor; got torch.int64"),
         (dict(max_grad_norm=0.0), ValueError, "Invalid max_grad_norm value: 0.0"),
         (dict(max_grad_norm=-1), ValueError, "Invalid max_grad_norm value: -1"),
+        (dict(max_grad_norm=float("inf")), ValueError, "Invalid max_grad_norm value: inf"),
+        (dict(max_grad_norm=True), ValueError, "Invalid max_grad_norm value: True"),
+        (dict(max_grad_norm=torch.tensor([1.0, 2.0])), ValueError, "a tensor must hold one real number"),
+        (dict(max_grad_norm=torch.tensor(-2.0)), ValueError, "Invalid max_grad_norm value: -2.0"),
     ],
 )
 def test_invalid_constructor_arguments(kwargs, error, match):
@@ -52,20 +56,26 @@ def test_invalid_constructor_arguments(kwargs, error, match):
         ZenithFused(params(), **kwargs)
 
 
-def test_complex_and_integer_parameters_are_rejected():
-    with pytest.raises(ValueError, match=r"does not support complex parameters \(got torch.complex64\)"):
-        ZenithFused([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
-    with pytest.raises(ValueError, match="optimizes floating-point parameters; got torch.int64"):
+def test_integer_parameters_are_rejected():
+    with pytest.raises(ValueError, match="optimizes floating-point and complex parameters; got torch.int64"):
         ZenithFused([torch.zeros(2, dtype=torch.int64)])
+
+
+def test_max_grad_norm_accepts_a_number_or_a_one_element_tensor():
+    assert ZenithFused(params(), max_grad_norm=torch.tensor(1.5)).max_grad_norm == 1.5
+    assert ZenithFused(params(), max_grad_norm=2).max_grad_norm == 2.0
 
 
 @pytest.mark.parametrize(
     "group,match",
     [
         ({"window_size": 5}, "window_size is shared by all parameter groups"),
+        ({"max_grad_norm": 1.0}, "max_grad_norm is shared by all parameter groups"),
+        ({"backend": "reference"}, "backend is shared by all parameter groups"),
+        ({"process_group": None}, "process_group is shared by all parameter groups"),
         ({"lr": -1.0}, "Invalid learning rate: -1.0"),
         ({"momentum": 0.0, "nesterov": True}, "Nesterov momentum requires"),
-        ({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]}, "complex parameters"),
+        ({"params": [torch.zeros(2, dtype=torch.int32)]}, "floating-point and complex parameters"),
     ],
 )
 def test_invalid_param_group_leaves_optimizer_unchanged(group, match):

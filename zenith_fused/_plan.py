@@ -54,6 +54,7 @@ class BucketPlan:
     momentum_buffers: list[Tensor | None] = field(default_factory=list)
     momentum_steps: list[Tensor | None] = field(default_factory=list)
     hyperparam_slots: list[int] = field(default_factory=list)  # per tensor: its row
+    owners: list[Tensor] = field(default_factory=list)  # per tensor: the optimizer's parameter
     group_indices: list[int] = field(default_factory=list)  # per row: its parameter group
     # Filled by StepPlan._prepare:
     group_hyperparams: list[GroupHyperparams] = field(default_factory=list)  # per row (reference)
@@ -71,6 +72,23 @@ class BucketPlan:
     @property
     def num_partials(self) -> int:
         return self.table.num_chunks if self.table is not None else len(self.params)
+
+
+def kernel_view(t: Tensor | None) -> Tensor | None:
+    """What the kernels update for ``t``: a complex tensor as its real view (``torch.optim.SGD``'s
+    rule: the same momentum update per real component; the norm then counts ``|g|^2``)."""
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
+def bucket_backend(optimizer: Any, param: Tensor, grad: Tensor) -> str:
+    """The backend that runs this tensor: its (device, dtype)'s, except that under ``"auto"`` a
+    layout the fused kernels cannot walk (a non-dense view) goes through the reference."""
+    backend = optimizer._backend_for(param.device, param.dtype)
+    if backend != "reference" and not fusable_layout(param, grad):
+        if optimizer.backend == "auto":
+            return "reference"
+        check_layout(param, grad)
+    return backend
 
 
 def check_hyperparams(group: dict[str, Any], *, check_tensor_values: bool = False) -> None:
@@ -152,22 +170,20 @@ class StepPlan:
         self.keys = [_hyperparam_key(g) for g in groups]
         self.settings = [_settings(g) for g in groups]
 
-        buckets: dict[tuple[torch.device, torch.dtype], BucketPlan] = {}
-        slot_of: dict[tuple[tuple[torch.device, torch.dtype], int], int] = {}
+        buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
+        slot_of: dict[tuple[tuple[torch.device, torch.dtype, str], int], int] = {}
         storage = []
         for gi, group in enumerate(groups):
-            has_momentum = group["momentum"] != 0
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
-                key = (param.device, param.dtype)
+                shard, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
+                param, grad = kernel_view(shard), kernel_view(grad)
+                backend = bucket_backend(optimizer, param, grad)
+                key = (param.device, param.dtype, backend)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    backend = optimizer._backend_for(*key)
                     bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, optimizer._engine(backend))
-                if bucket.backend != "reference":
-                    check_layout(param, grad)
                 if (key, gi) not in slot_of:
                     slot_of[(key, gi)] = len(bucket.group_indices)
                     bucket.group_indices.append(gi)
@@ -176,7 +192,8 @@ class StepPlan:
                 bucket.hyperparam_slots.append(slot_of[(key, gi)])
                 bucket.momentum_buffers.append(None)
                 bucket.momentum_steps.append(None)
-                storage.append(param)
+                bucket.owners.append(p)
+                storage.append(shard)
         # Every check has passed: create or convert the momentum state now.
         self._fill_momentum_state(optimizer, buckets, local, sharding)
         self.storage = storage
@@ -195,21 +212,13 @@ class StepPlan:
 
     # ------------------------------------------------------------------ building
     def _fill_momentum_state(self, optimizer, buckets, local, sharding) -> None:
-        owners = {}
-        for gi, group in enumerate(optimizer.param_groups):
-            if group["momentum"] != 0:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        owners[id(sharding.local(p) if local else p)] = p
+        groups = optimizer.param_groups
         for bucket in buckets.values():
-            for i, param in enumerate(bucket.params):
-                p = owners.get(id(param))
-                if p is None:
+            for i, p in enumerate(bucket.owners):
+                if groups[bucket.group_indices[bucket.hyperparam_slots[i]]]["momentum"] == 0:
                     continue
                 buf, buf_step = optimizer._momentum_state(p)
-                if local:
-                    buf = sharding.local(buf)
-                bucket.momentum_buffers[i] = buf
+                bucket.momentum_buffers[i] = kernel_view(sharding.local(buf) if local else buf)
                 bucket.momentum_steps[i] = buf_step
 
     def _prepare(self, bucket: BucketPlan, groups: list[dict]) -> None:
@@ -333,7 +342,7 @@ def _history_device(buckets: list[BucketPlan], current: torch.device) -> torch.d
     return (accelerators or devices)[0]
 
 
-def _is_dense(t: Tensor) -> bool:
+def is_dense(t: Tensor) -> bool:
     """True when the elements fill ``t``'s storage span without gaps or overlap, in any order."""
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
@@ -345,11 +354,15 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def check_layout(p: Tensor, g: Tensor) -> None:
-    """The fused kernels walk storage linearly: parameter and gradient must share one layout."""
+def fusable_layout(p: Tensor, g: Tensor) -> bool:
+    """The fused kernels walk storage linearly: parameter and gradient must share one dense layout."""
     if p.is_contiguous() and g.is_contiguous():  # the common case
-        return
-    if p.numel() > 1 and not (g.stride() == p.stride() and _is_dense(p)):
+        return True
+    return p.numel() <= 1 or (g.stride() == p.stride() and is_dense(p))
+
+
+def check_layout(p: Tensor, g: Tensor) -> None:
+    if not fusable_layout(p, g):
         raise RuntimeError(
             f"ZenithFused's fused kernels need each parameter dense (contiguous or channels-last) "
             f"with a gradient of the same strides; got a parameter of shape {tuple(p.shape)}, "

@@ -1,7 +1,9 @@
 """``ZenithFused``: the torch.optim.Optimizer users construct."""
 from __future__ import annotations
 
+import math
 import types
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -10,7 +12,10 @@ from torch.optim import Optimizer
 
 from . import _distributed, _traced, reference
 from ._engines import BACKENDS, make_engine, resolve_backend
-from ._plan import BucketPlan, StepPlan, StepView, check_hyperparams, check_layout, group_hyperparams, hyperparam_row
+from ._plan import (
+    BucketPlan, StepPlan, StepView, bucket_backend, check_hyperparams, group_hyperparams, hyperparam_row, is_dense,
+    kernel_view,
+)
 from ._state import SAVED_HISTORY_FIELDS, STATE_VERSION, check_zenith_entry
 from .reference import StepInputs, ZenithHistory, compute_dtype
 
@@ -103,7 +108,13 @@ class ZenithFused(Optimizer):
     ) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"Invalid window_size value: {window_size}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if isinstance(max_grad_norm, Tensor):
+            if max_grad_norm.numel() != 1 or max_grad_norm.is_complex():
+                raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (a tensor must hold one real number)")
+            max_grad_norm = max_grad_norm.item()  # sync-ok: the constructor, not a step
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool) and 0 < max_grad_norm < math.inf
+        ):
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
@@ -134,26 +145,24 @@ class ZenithFused(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "window_size" in param_group:
-            raise ValueError(
-                "window_size is shared by all parameter groups (ZENITH keeps one history per "
-                "optimizer); pass it to ZenithFused(), not in a parameter group"
-            )
+        for name in _GLOBAL_OPTIONS:
+            if name in param_group:
+                raise ValueError(
+                    f"{name} is shared by all parameter groups (ZENITH keeps one history per "
+                    f"optimizer); pass it to ZenithFused(), not in a parameter group"
+                )
         group = {**self.defaults, **param_group}
         check_hyperparams(group, check_tensor_values=True)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(
-                    f"ZenithFused does not support complex parameters (got {p.dtype}); "
-                    "optimize torch.view_as_real(p) instead"
-                )
-            if isinstance(p, Tensor) and not p.is_floating_point():
-                raise ValueError(f"ZenithFused optimizes floating-point parameters; got {p.dtype}")
+            if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"ZenithFused optimizes floating-point and complex parameters; got {p.dtype}")
         for p in params:
             if isinstance(p, Tensor):
-                self._backend_for(p.device, p.dtype)  # an explicit backend that can't run raises here
+                # Complex parameters run as their real views. An explicit backend that can't run
+                # raises here.
+                self._backend_for(p.device, p.dtype.to_real() if p.is_complex() else p.dtype)
         super().add_param_group(param_group)
         self._plan = None
 
@@ -162,6 +171,8 @@ class ZenithFused(Optimizer):
         name = self._bucket_backends.get(key)
         if name is None:
             name = resolve_backend(self.backend, device)
+            if name == "reference" and self.backend == "auto" and device.type == "cpu":
+                _warn_reference_fallback()
             self._engine(name)  # created now, not inside a step that torch.compile may trace
             self._bucket_backends[key] = name
         return name
@@ -236,7 +247,9 @@ class ZenithFused(Optimizer):
             return buf, state["momentum_step"]
         if self._sharding is not None and self._sharding.has_dtensors:
             self._sharding.check_momentum_buffer(p, buf)
-        if buf.dtype != p.dtype or buf.device != p.device or buf.shape != p.shape or buf.stride() != p.stride():
+        if buf.dtype != p.dtype or buf.device != p.device or buf.shape != p.shape or (
+            buf.stride() != p.stride() and is_dense(p)
+        ):
             # The fused kernels index parameter and buffer alike, in the parameter's dtype.
             state["momentum_buffer"] = buf = torch.empty_like(p).copy_(buf)
         if buf_step is None:
@@ -313,7 +326,7 @@ class ZenithFused(Optimizer):
         that take the tensors themselves (:mod:`zenith_fused._traced`), no cached plan."""
         sharding = self._sharding_plan()
         local = sharding is not None and sharding.has_dtensors
-        buckets: dict[tuple[torch.device, torch.dtype], BucketPlan] = {}
+        buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
         for group in self.param_groups:
             check_hyperparams(group)
             hyperparams = group_hyperparams(group)
@@ -321,19 +334,18 @@ class ZenithFused(Optimizer):
                 if p.grad is None:
                     continue
                 param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
-                key = (param.device, param.dtype)
+                param, grad = kernel_view(param), kernel_view(grad)
+                backend = bucket_backend(self, param, grad)
+                key = (param.device, param.dtype, backend)
                 bucket = buckets.get(key)
                 if bucket is None:
-                    backend = self._backend_for(*key)
                     bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, self._engine(backend))
-                if bucket.backend != "reference":
-                    check_layout(param, grad)
                 if not bucket.group_hyperparams or bucket.group_hyperparams[-1] is not hyperparams:
                     bucket.group_hyperparams.append(hyperparams)
                 buf, buf_step = self._momentum_state(p) if hyperparams.momentum != 0 else (None, None)
                 bucket.params.append(param)
                 bucket.grads.append(grad)
-                bucket.momentum_buffers.append(sharding.local(buf) if local else buf)
+                bucket.momentum_buffers.append(kernel_view(sharding.local(buf) if local else buf))
                 bucket.momentum_steps.append(buf_step)
                 bucket.hyperparam_slots.append(len(bucket.group_hyperparams) - 1)
         if not buckets and (sharding is None or not sharding.communicates):
@@ -460,6 +472,28 @@ class ZenithFused(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("nesterov", False)
             group.setdefault("dampening", 0.0)
+
+
+# Options of the whole optimizer, refused inside a parameter group.
+_GLOBAL_OPTIONS = ("window_size", "max_grad_norm", "backend", "process_group")
+_warned_fallback = False
+
+
+def _warn_reference_fallback() -> None:
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    _warned_fallback = True
+    from . import _ext
+
+    warnings.warn(
+        "ZenithFused: the compiled CPU kernels are not available, so CPU parameters run on the "
+        f"pure-PyTorch reference, 15-25x slower per step ({_ext.unavailable_reason('cpu')}). "
+        "Reinstall with a C++ compiler present (`pip install .`), or set ZENITH_FUSED_BUILD_EXT=1 "
+        "to compile them on first use.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
