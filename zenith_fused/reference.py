@@ -212,7 +212,8 @@ def momentum_update(
     for p, g, buf, buf_step, hp in zip(params, grads, momentum_buffers, momentum_steps, hyperparams):
         dtype = compute_dtype(p.dtype)
         # lr in the compute dtype, times the float32 scale: one rounding, whatever lr's own type.
-        step_lr = torch.as_tensor(hp.lr).to(device=p.device, dtype=dtype).reshape(()) * lr_scale.to(dtype)
+        lr = hp.lr if isinstance(hp.lr, Tensor) else torch.tensor(hp.lr, dtype=dtype)
+        step_lr = lr.to(device=p.device, dtype=dtype).reshape(()) * lr_scale.to(dtype)
         d = g.to(dtype) * grad_multiplier.to(dtype)
         if hp.maximize:
             d = -d
