@@ -83,13 +83,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["zenith_fused", "zenith_fused.train", "zenith_fused.triton_kernels"],
+    packages=["zenith_fused", "zenith_fused.train", "zenith_fused.triton_kernels", "zenith_fused.csrc"],
     # The top-level triton_kernels/ folder installs under our namespace: a bare
-    # ``triton_kernels`` module already belongs to other projects.
-    package_dir={"zenith_fused.triton_kernels": "triton_kernels"},
+    # ``triton_kernels`` module already belongs to other projects. The C++/CUDA sources ship too,
+    # as zenith_fused/csrc/, so that an install built without the extension (pip's default
+    # isolated build has no torch to build against) compiles it on first use.
+    package_dir={"zenith_fused.triton_kernels": "triton_kernels", "zenith_fused.csrc": "csrc"},
+    package_data={"zenith_fused.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cpp", "*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4"],
+    # ninja: torch.utils.cpp_extension compiles the kernels on first use with it.
+    install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "triton": ["triton>=3.0"],
         "train": _TRAIN,
