@@ -7,6 +7,10 @@
 #           "cuda" backend is checked and measured too; skipped if csrc/ is absent
 #   pytest  the test suite on CUDA with real Triton compilation (TRITON_INTERPRET unset)
 #   checks  bench/gpu_checks.py: no host sync in step(), CUDA-graph capture and replay
+#   report  bench/kernel_report.py --arch <this GPU's>: registers, spills, load/store widths of every
+#           kernel specialization, compiled ahead of time -> OUT_DIR/kernel-report.json
+#   bandwidth  bench/gpu_checks.py --bandwidth: achieved GB/s of each Triton kernel (CUDA events),
+#           fp32/bf16, aligned/unaligned, a few sizes, next to torch's copy -> OUT_DIR/bandwidth.json
 #   bench   bench/step.py on every set, fp32 and bf16 -> OUT_DIR/bench/step-cuda.{json,png}
 #
 # For a machine with torch and Triton installed and no network: it installs nothing. The package
@@ -17,9 +21,10 @@
 # Each stage runs under `timeout` within one overall budget, logs to OUT_DIR/<stage>.log, and a
 # failed stage does not stop the next. A summary table comes last.
 # Exit status: 0 all stages passed; 1 a stage failed or timed out; 2 no CUDA GPU (then only the
-# CPU-safe parts run: the import, gpu_checks.py --cpu-dry-run, step.py --quick --device cpu).
+# CPU-safe parts run: the import, gpu_checks.py --cpu-dry-run, kernel_report.py --arch 90,
+# step.py --quick --device cpu).
 #
-# Environment: PYTHON (default python3); ZENITH_GPU_CHECK_SECONDS (overall budget, default 285);
+# Environment: PYTHON (default python3); ZENITH_GPU_CHECK_SECONDS (overall budget, default 400);
 # ZENITH_GPU_CHECK_BUILD=0 (skip the extension build); ZENITH_GPU_CHECK_PIP=1 (first try
 # `pip install --no-deps --no-build-isolation --no-index -e .`, falling back to the copy: off by
 # default, since it builds the extension through setup.py with no time box of its own and writes
@@ -31,7 +36,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 PY=${PYTHON:-python3}
-BUDGET=${ZENITH_GPU_CHECK_SECONDS:-285}
+BUDGET=${ZENITH_GPU_CHECK_SECONDS:-400}
 T0=$SECONDS
 DEADLINE=$((T0 + BUDGET))
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/zenith-gpu-check.XXXXXX")
@@ -120,7 +125,7 @@ if (( HAS_GPU )); then
     build_pid=""
     EXT_ENV=()
     if [[ ${ZENITH_GPU_CHECK_BUILD:-1} != 0 && -d "$SITE/csrc" ]]; then
-        build_limit=$(time_box 120 160)
+        build_limit=$(time_box 120 220)
         say "build: start in the background, time box ${build_limit}s, log $OUT/build.log"
         build_start=$SECONDS
         ( timeout -k 10 "$build_limit" "${PKG_ENV[@]}" ZENITH_FUSED_BUILD_EXT=1 TORCH_EXTENSIONS_DIR="$WORK/ext" \
@@ -141,7 +146,7 @@ sys.exit(1 if reason else 0)' > "$OUT/build.log" 2>&1 ) &
     "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
     per_test=()
     "$PY" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 90)
-    run_stage pytest "$(time_box 110 150)" "${PKG_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider \
+    run_stage pytest "$(time_box 110 220)" "${PKG_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider \
         "${xdist[@]}" "${per_test[@]}" --durations=5 tests
     tail -n 25 "$OUT/pytest.log"
     note=$(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -n 1 | tr -s '=' | cut -c1-90)
@@ -160,10 +165,22 @@ sys.exit(1 if reason else 0)' > "$OUT/build.log" 2>&1 ) &
         fi
     fi
 
-    run_stage checks "$(time_box 45 100)" "${PKG_ENV[@]}" "${EXT_ENV[@]}" "$PY" bench/gpu_checks.py
+    run_stage checks "$(time_box 45 175)" "${PKG_ENV[@]}" "${EXT_ENV[@]}" "$PY" bench/gpu_checks.py
     grep -E '^(PASS|FAIL|SKIP)' "$OUT/checks.log"
     (( RC != 0 )) && tail -n 20 "$OUT/checks.log"
     record checks "$(verdict_of $RC)" "$TOOK" "$(grep -c '^PASS' "$OUT/checks.log") PASS, $(grep -c '^FAIL' "$OUT/checks.log") FAIL"
+
+    arch=$("$PY" -c 'import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)' 2>/dev/null)
+    run_stage report "$(time_box 40 135)" "${PKG_ENV[@]}" "$PY" bench/kernel_report.py --arch "${arch:-90}" \
+        --json "$OUT/kernel-report.json"
+    grep -E '^(FAIL|CUDA C\+\+)|kernels, ' "$OUT/report.log"
+    record report "$(verdict_of $RC)" "$TOOK" "sm_${arch:-90}: $(grep -E 'kernels, ' "$OUT/report.log" | tail -n 1)"
+
+    run_stage bandwidth "$(time_box 60 75)" "${PKG_ENV[@]}" "$PY" bench/gpu_checks.py --bandwidth "$OUT/bandwidth.json" \
+        --bandwidth-budget 45
+    sed -n '/^kernel /,$p' "$OUT/bandwidth.log"
+    (( RC != 0 )) && tail -n 15 "$OUT/bandwidth.log"
+    record bandwidth "$(verdict_of $RC)" "$TOOK" "$OUT/bandwidth.json"
 
     limit=$(time_box 180 0)
     run_stage bench "$limit" "${PKG_ENV[@]}" "${EXT_ENV[@]}" "$PY" bench/step.py --device cuda --dtypes fp32,bf16 \
@@ -179,6 +196,10 @@ else
     run_stage checks "$(time_box 60 60)" "${PKG_ENV[@]}" "$PY" bench/gpu_checks.py --cpu-dry-run --backends reference,cpu
     grep -E '^(PASS|FAIL|SKIP)' "$OUT/checks.log"
     record checks "$(verdict_of $RC)" "$TOOK" "CPU dry run of the check sequences (no sync mode, no graph)"
+    run_stage report "$(time_box 60 90)" "${PKG_ENV[@]}" "$PY" bench/kernel_report.py --arch 90 \
+        --json "$OUT/kernel-report.json"
+    grep -E '^(FAIL|CUDA C\+\+)|kernels, ' "$OUT/report.log"
+    record report "$(verdict_of $RC)" "$TOOK" "sm_90 ahead of time: $(grep -E 'kernels, ' "$OUT/report.log" | tail -n 1)"
     run_stage bench "$(time_box 90 0)" "${PKG_ENV[@]}" "$PY" bench/step.py --quick --device cpu --out "$OUT/bench"
     sed -n '/^ms\/step/,$p' "$OUT/bench.log"
     record bench "$(verdict_of $RC)" "$TOOK" "--quick --device cpu -> $OUT/bench/step-cpu-quick.{json,png}"

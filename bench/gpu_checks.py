@@ -12,6 +12,11 @@
   window wrapping); parameters, momentum buffers and history must equal, bit for bit, those of an
   optimizer stepped eagerly on the same gradients.
 
+* bandwidth (``--bandwidth PATH``, instead of the checks above): achieved bandwidth of each Triton
+  kernel (squared-norm partials; update with and without momentum) with CUDA events, float32 and
+  bfloat16, aligned and unaligned tables, a few sizes, next to a device-to-device copy of the same
+  bytes; plus the registers and spills of the kernels the GPU actually compiled. JSON to PATH.
+
 Each check prints one PASS/FAIL line with its numbers. Exit status: 0 all passed, 1 a check
 failed, 2 no CUDA GPU. Graph capture of the reference backend is reported but does not count:
 the reference promises no host sync, not capturability.
@@ -187,12 +192,140 @@ def check_cuda_graph(backend: str, steps: int = 8) -> tuple[bool, str]:
                 f"history equal: {history_equal}; t={t} (expected {steps - 1}), skipped={skipped} (expected 1)")
 
 
+# ------------------------------------------------------------------ bandwidth of the Triton kernels
+def _spy_kernels():
+    """Wrap each Triton kernel so that the compiled kernel of its last launch is kept."""
+    from zenith_fused.triton_kernels import history, momentum, sq_norm
+
+    compiled = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                result = self.kernel[grid](*args, **kwargs)
+                compiled[self.name] = result
+                return result
+            return launch
+
+    for module, attr in ((sq_norm, "_sq_norm_partials_kernel"), (momentum, "_momentum_update_kernel"),
+                         (history, "_update_history_kernel")):
+        kernel = getattr(module, attr)
+        setattr(module, attr, Spy(attr, getattr(kernel, "kernel", kernel)))
+    return compiled
+
+
+def _time_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs, each between two CUDA events."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_bandwidth(path: str, sizes=(1 << 20, 1 << 24, 1 << 27), repeats: int = 20, budget_s: float = 60.0,
+                      device: str = "cuda") -> int:
+    """Achieved GB/s of each streaming kernel, written to ``path`` as JSON; returns an exit status.
+    (``device="cpu"`` with the interpreter and stand-in CUDA events only exercises this code.)"""
+    import json
+
+    from zenith_fused import _table
+    from zenith_fused import triton_kernels as K
+    from zenith_fused.reference import ZenithHistory
+
+    compiled = _spy_kernels()
+    device = torch.device(device)
+    config = K.launch_config(device)
+    free, _ = torch.cuda.mem_get_info()
+    rows, t0 = [], time.perf_counter()
+    for dtype in (torch.float32, torch.bfloat16):
+        for numel in sizes:
+            size = torch.tensor([], dtype=dtype).element_size()
+            if 6 * numel * size > 0.5 * free:
+                print(f"SKIP bandwidth {dtype} {numel}: not enough free memory")
+                continue
+            for aligned in (True, False):
+                if time.perf_counter() - t0 > budget_s:
+                    print(f"SKIP bandwidth {dtype} {numel} aligned={aligned}: over the {budget_s:.0f} s budget")
+                    continue
+                offset = 0 if aligned else 1
+
+                def tensor():  # unaligned: a view one element into a buffer
+                    return torch.randn(numel + offset, device=device).to(dtype)[offset:]
+
+                param, grad, buffer = tensor(), tensor(), tensor()
+                step = torch.zeros((), dtype=torch.int64, device=device)
+                history = ZenithHistory.zeros(4, device)
+                history.step_applied.fill_(1)
+                history.step.fill_(1)
+                for momentum in (True, False):
+                    table = _table.build_tensor_table(
+                        [param], [grad], [buffer if momentum else None], [step if momentum else None], [0],
+                        chunk_size=config.chunk_size, placeholder_step=history.step)
+                    hyperparams, lr_ptrs = _table.hyperparam_table(
+                        [(1e-6, 0.9 if momentum else 0.0, 1.0, 0.0, 0.0, 0.0)], torch.float32, device)
+                    partials = torch.empty(table.num_chunks, device=device)
+                    cases = [("sq_norm_partials", numel * size,
+                              lambda: K.sq_norm_partials(table, dtype, partials))] if momentum else []
+                    cases.append(("momentum_update" + ("" if momentum else "[no momentum]"),
+                                  numel * size * (5 if momentum else 3),
+                                  lambda: K.momentum_update(table, dtype, hyperparams, lr_ptrs, history.lr_scale,
+                                                            history.step, history.step_applied,
+                                                            history.grad_multiplier)))
+                    for name, nbytes, fn in cases:
+                        ms = _time_ms(fn, repeats)
+                        kernel = compiled.get("_sq_norm_partials_kernel" if name == "sq_norm_partials"
+                                              else "_momentum_update_kernel")
+                        rows.append(dict(kernel=name, dtype=str(dtype).replace("torch.", ""), aligned=aligned,
+                                         numel=numel, bytes=nbytes, ms=ms, gb_per_s=nbytes / ms / 1e6,
+                                         registers=getattr(kernel, "n_regs", None),
+                                         spills=getattr(kernel, "n_spills", None)))
+                # The same bytes through torch's copy kernel: what the memory system gives a stream.
+                dst = torch.empty_like(param)
+                ms = _time_ms(lambda: dst.copy_(param), repeats)
+                rows.append(dict(kernel="torch copy_", dtype=str(dtype).replace("torch.", ""), aligned=aligned,
+                                 numel=numel, bytes=2 * numel * size, ms=ms, gb_per_s=2 * numel * size / ms / 1e6,
+                                 registers=None, spills=None))
+                del param, grad, buffer, dst
+                torch.cuda.empty_cache()
+    copy = {(r["dtype"], r["numel"], r["aligned"]): r["gb_per_s"] for r in rows if r["kernel"] == "torch copy_"}
+    print(f"{'kernel':30} {'dtype':9} {'aligned':7} {'numel':>10} {'ms':>8} {'GB/s':>8} {'/copy':>6} regs spills")
+    for r in rows:
+        r["vs_copy"] = r["gb_per_s"] / copy.get((r["dtype"], r["numel"], r["aligned"]), float("nan"))
+        print(f"{r['kernel']:30} {r['dtype']:9} {str(r['aligned']):7} {r['numel']:>10} {r['ms']:8.4f} "
+              f"{r['gb_per_s']:8.1f} {r['vs_copy']:6.2f} {r['registers']} {r['spills']}")
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                   "torch": torch.__version__, "triton": triton.__version__,
+                   "launch_config": config.__dict__, "rows": rows}, f, indent=1)
+    print(f"bandwidth: {len(rows)} rows -> {path}")
+    spilled = [r for r in rows if r["spills"]]
+    for r in spilled:
+        print(f"FAIL bandwidth: {r['kernel']} {r['dtype']} spills {r['spills']}")
+    return 1 if spilled or not rows else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default="triton,cuda,reference",
                     help="ZenithFused backends to check; those that cannot run on CUDA are skipped")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run the checks' sequences on the CPU, without sync mode or graphs (no PASS means much)")
+    ap.add_argument("--bandwidth", metavar="PATH",
+                    help="instead of the checks: measure the Triton kernels' bandwidth, JSON to PATH")
+    ap.add_argument("--bandwidth-budget", type=float, default=60.0, help="seconds for the measurements")
     args = ap.parse_args(argv)
     global DEVICE
     if args.cpu_dry_run:
@@ -200,6 +333,11 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("SKIP gpu_checks: no CUDA GPU (torch.cuda.is_available() is False)")
         return 2
+    if args.bandwidth:
+        if DEVICE != "cuda":
+            print("SKIP bandwidth: needs a CUDA GPU")
+            return 2
+        return measure_bandwidth(args.bandwidth, budget_s=args.bandwidth_budget)
     from zenith_fused._engines import resolve_backend
 
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run: no sync mode, no graph)"
