@@ -106,5 +106,9 @@ def set_optimizer_state_dict(
     if zenith is not None:
         check_zenith_entry(zenith, optimizer.window_size)  # before anything changes
     _fill_momentum_state(optimizer)
-    torch_state_dict.set_optimizer_state_dict(model, optimizer, state, options=options)
+    optimizer._history_follows = zenith is not None
+    try:
+        torch_state_dict.set_optimizer_state_dict(model, optimizer, state, options=options)
+    finally:
+        optimizer._history_follows = False
     optimizer._load_history(zenith)

@@ -128,6 +128,9 @@ class ZenithFused(Optimizer):
         self._engines: dict[str, Any] = {}
         self._bucket_backends: dict[tuple[torch.device, torch.dtype], str] = {}
         self._plan: StepPlan | None = None
+        # Set by zenith_fused.set_optimizer_state_dict while torch's helper loads the per-parameter
+        # state: the history arrives right after, so the momentum step counters stay as saved.
+        self._history_follows = False
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -432,7 +435,7 @@ class ZenithFused(Optimizer):
         for index, p in zip(saved_ids, params):
             if index in momentum_steps:
                 filled_at = torch.as_tensor(momentum_steps[index]).to(p.device, torch.int64)
-                if zenith is None:
+                if zenith is None and not self._history_follows:
                     # The history starts afresh, so a buffer filled at any step before is marked
                     # "filled before this history began" (-1), never "first" again: the next step
                     # gives momentum * buf + d, not d.
@@ -468,6 +471,8 @@ class ZenithFused(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self._sharding, self._sharding_groups = None, -1
         self._plan = None
+        # torch's load_state_dict ends in __setstate__: keep what set_optimizer_state_dict set.
+        self.__dict__.setdefault("_history_follows", False)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("nesterov", False)
