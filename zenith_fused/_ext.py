@@ -2,9 +2,11 @@
 
 ``setup.py`` builds them as the extension ``zenith_fused._C`` from ``csrc/`` when torch and a C++
 compiler are present at install time (the CUDA kernels too when torch has CUDA and nvcc is
-found). Where that build did not happen, the "cpu" and "cuda" backends report why, and
-``"auto"`` uses Triton or the reference. With ``ZENITH_FUSED_BUILD_EXT=1`` a missing extension is
-compiled from the checkout's ``csrc/`` on first use instead (torch.utils.cpp_extension.load).
+found). A plain ``pip install .`` builds in an isolated environment without torch, so there the
+extension is missing: it is then compiled on first use from the sources the package ships
+(``zenith_fused/csrc``, torch.utils.cpp_extension.load with ninja, cached by torch), with one line
+on stderr saying so. ``ZENITH_FUSED_BUILD_EXT=0`` turns that off; where neither works the "cpu"
+and "cuda" backends report why, and ``"auto"`` uses Triton or the reference.
 
 This module also registers the operators' fake implementations, so that they trace under
 ``torch.compile``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 
 import torch
@@ -26,9 +29,11 @@ _load_error: str | None = None
 
 
 def _extension_config():
-    """csrc/extension.py of the checkout this package runs from, or None (an installed wheel)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "extension.py")
-    if not os.path.exists(path):
+    """The shipped sources' extension.py (``zenith_fused/csrc``, or the checkout's ``csrc/``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, "csrc", "extension.py"), os.path.join(os.path.dirname(here), "csrc", "extension.py")]
+    path = next((c for c in candidates if os.path.exists(c)), None)
+    if path is None:
         return None
     spec = importlib.util.spec_from_file_location("zenith_fused_extension_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -41,8 +46,13 @@ def _jit_build() -> None:
 
     config = _extension_config()
     if config is None:
-        raise RuntimeError("the csrc/ sources are not next to the package (not a source checkout)")
+        raise RuntimeError("the package's csrc/ sources are missing")
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    print(
+        f"zenith_fused: compiling the {'CPU and CUDA' if with_cuda else 'CPU'} kernels on first use "
+        "(once, a few minutes; torch caches the build)",
+        file=sys.stderr, flush=True,
+    )
     cpp_extension.load(
         name="zenith_fused_jit",
         sources=config.sources(with_cuda, absolute=True),
@@ -63,7 +73,7 @@ def _load() -> str | None:
             importlib.import_module("zenith_fused._C")
         except ImportError as exc:
             build = os.environ.get("ZENITH_FUSED_BUILD_EXT")
-            if build == "1":
+            if build != "0":
                 try:
                     _jit_build()
                 except Exception as jit_exc:  # compiler errors come as RuntimeError, subprocess errors
@@ -73,9 +83,10 @@ def _load() -> str | None:
                     )
             else:
                 _load_error = (
-                    f"the compiled extension zenith_fused._C is not built ({exc}). Reinstall with torch "
-                    "importable and a C++ compiler (`pip install --no-build-isolation -e .`), or set "
-                    "ZENITH_FUSED_BUILD_EXT=1 to compile it on first use"
+                    f"the compiled extension zenith_fused._C is not built ({exc}), and "
+                    "ZENITH_FUSED_BUILD_EXT=0 turns off compiling it on first use. Reinstall with torch "
+                    "importable and a C++ compiler (`pip install --no-build-isolation .`), or unset "
+                    "ZENITH_FUSED_BUILD_EXT"
                 )
         if _load_error is None:
             _register_fakes()

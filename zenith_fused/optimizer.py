@@ -494,8 +494,8 @@ def _warn_reference_fallback() -> None:
     warnings.warn(
         "ZenithFused: the compiled CPU kernels are not available, so CPU parameters run on the "
         f"pure-PyTorch reference, 15-25x slower per step ({_ext.unavailable_reason('cpu')}). "
-        "Reinstall with a C++ compiler present (`pip install .`), or set ZENITH_FUSED_BUILD_EXT=1 "
-        "to compile them on first use.",
+        "Install a C++ compiler and reinstall, or let zenith_fused compile them on first use "
+        "(ZENITH_FUSED_BUILD_EXT unset, with ninja and a compiler present).",
         RuntimeWarning,
         stacklevel=4,
     )
