@@ -44,7 +44,7 @@ REASON = _ext.unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the compiled CPU kernels are unavailable: {REASON}")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-DEFAULT_CHUNK = 32768  # CpuEngine.chunk_size
+DEFAULT_CHUNK = 32768  # CpuEngine.chunk_elements
 # Sizes 0, 1, below / at / above one vector block and the 32 norm lanes, odd, several chunks of 64.
 SHAPES = [(0,), (1,), (7,), (31,), (32,), (33,), (3, 5, 7), (2, 129), (1000,)]
 HYPERPARAMS = [
@@ -88,7 +88,7 @@ def small_cpu_chunks(monkeypatch):
     """Chunks of 64 elements, so that small tensors span several chunks and threads."""
     from zenith_fused._compiled_engines import CpuEngine
 
-    monkeypatch.setattr(CpuEngine, "chunk_size", 64)
+    monkeypatch.setattr(CpuEngine, "chunk_elements", 64)
 
 
 def _random(shape, dtype, gen):
