@@ -13,16 +13,21 @@ from zenith_fused._engines import resolve_backend
 # (atol, rtol) for parameters and momentum buffers of a fused backend against the reference.
 #  float32: identical float32 formulas; only the order of the norm's sums differs (~1e-7 relative
 #    per step, through lr_scale), which stays far below 1e-5 over a few hundred steps.
-#  float16 / bfloat16: one storage ulp. Each store rounds to the storage type once, to nearest-even
-#    on every backend (the interpreter included); a last-bit difference in the float32 value (from
-#    the norm's summation order) can flip that rounding by one ulp, and the tests that use these
-#    resynchronise the twins after every step so flips cannot accumulate. In (atol, rtol) form one
-#    ulp is rtol = eps (one ulp of the value's binade; up to two just below a power of two) and
-#    atol = the smallest subnormal; ``assert_within_ulps`` checks ulps exactly.
+#  float16 / bfloat16: one storage ulp, plus an absolute 2**-20. Each store rounds to the storage
+#    type once, to nearest-even on every backend (the interpreter included); a last-bit difference
+#    in the float32 value (from the norm's summation order, through lr_scale) can flip that
+#    rounding by one ulp, and the tests that use these resynchronise the twins after every step so
+#    flips cannot accumulate. In (atol, rtol) form one ulp is rtol = eps (one ulp of the value's
+#    binade). The atol is for results that cancel to near zero (p close to lr * scale * d, both of
+#    order 1 in these tests): there one float32 ulp of lr_scale (2**-24 relative) moves the exact
+#    result by about 2**-24, many ulps of a tiny value; 2**-20 bounds that with room, and stays
+#    far below one ulp (2**-8 to 2**-11) of the order-1 values everything else is. Where the
+#    history is the same on both sides the kernel tests compare in ulps exactly
+#    (``assert_within_ulps``): no allowance for cancellation is needed there.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
-    torch.float16: (2**-24, 2**-10),
-    torch.bfloat16: (2**-133, 2**-7),
+    torch.float16: (2**-20, 2**-10),
+    torch.bfloat16: (2**-20, 2**-7),
 }
 # The history is float32 whatever the parameter dtype; the norm is the same sum in another order
 # (per chunk, then across chunks), a few float32 ulps apart for large half-precision gradients.
