@@ -1,9 +1,10 @@
-"""The training command ``python -m zenith_fused.train``: it trains, logs and writes its outputs."""
+"""The training command ``python -m zenith_fused.train``: every mode trains, logs and writes its outputs."""
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -12,20 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from zenith_fused.train import cli as train
-from zenith_fused.train import data
-from zenith_fused.optimizer import ZenithFused
+from zenith_fused import ZenithFused
+from zenith_fused.train import cli, data, loop, main, methods, text
+from zenith_fused.train.images import ImageTask
 
-CHANCE = 0.1  # ten classes
+PNG = b"\x89PNG\r\n\x1a\n"
+DIGITS_QUICK = cli.MODES[("image", None)]
+TEXT_QUICK = cli.MODES[("text", None)]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """One ``--quick`` run of every default method, in-process; (results.json, stdout, out dir)."""
-    out = tmp_path_factory.mktemp("quick")
+def _run(tmp_path_factory, name, argv):
+    """One in-process run of the command; (results.json, stdout, out dir)."""
+    out = tmp_path_factory.mktemp(name)
     capture = _Capture()
     with capture:
-        train.main(["--quick", "--out", str(out), "--no-progress"])
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     with open(out / "results.json", encoding="utf-8") as f:
         return json.load(f), capture.stdout, out
 
@@ -42,9 +44,41 @@ class _Capture:
         sys.stdout = self._saved
 
 
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``--quick``: every default method on digits."""
+    return _run(tmp_path_factory, "quick", ["--quick"])
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """``--dataset stdlib-text --quick``: the transformer on this interpreter's standard library."""
+    return _run(tmp_path_factory, "text", ["--dataset", "stdlib-text", "--quick", "--threads", "1"])
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory):
+    return _run(tmp_path_factory, "lr-sweep", ["--quick", "--lr-sweep", "0.01", "0.1", "1.0"])
+
+
+@pytest.fixture(scope="module")
+def window_sweep(tmp_path_factory):
+    # Seed 1, where the other digits runs use seed 0: the data split must not follow it.
+    return _run(tmp_path_factory, "window-sweep", ["--quick", "--window-sweep", "10", "100", "--seeds", "1"])
+
+
+def _assert_outputs(out, stdout, picture):
+    assert (out / picture).read_bytes()[:8] == PNG
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert table.startswith("| ")
+    assert table.strip() in stdout  # the printed table is the saved one, caption included
+    assert "wall time" in table or "took" in table
+
+
+# ------------------------------------------------------------------------------------ digits
 def test_quick_run_trains_every_method(quick_run):
     results, _, _ = quick_run
-    expected = list(train.BASE_METHODS) + train.lr_free_available()[:1]
+    expected = list(methods.BASE_METHODS) + methods.lr_free_available()[:1]
     assert results["config"]["methods"] == expected
     assert list(results["runs"]) == expected
     for method, per_seed in results["runs"].items():
@@ -53,8 +87,9 @@ def test_quick_run_trains_every_method(quick_run):
         assert run["best_test_accuracy"] >= run["final_test_accuracy"]
         assert 1 <= run["best_epoch"] <= results["config"]["epochs"]
         assert len(run["train_loss"]) == len(run["effective_lr"]) == run["steps"]
+        assert run["evals"]["step"] == [run["steps_per_epoch"] * e for e in range(DIGITS_QUICK.quick_length + 1)]
         assert 0 < run["optimizer_step_time_s"] < run["wall_time_s"]
-    assert results["config"]["epochs"] == train.QUICK_EPOCHS
+    assert results["config"]["epochs"] == DIGITS_QUICK.quick_length
     assert results["dataset"]["test"] == data.DIGITS_TEST_SIZE
 
 
@@ -64,17 +99,17 @@ def test_quick_run_gives_every_method_the_same_start_and_batches(quick_run):
     first_losses = {method: per_seed[0]["train_loss"][0] for method, per_seed in runs.items()}
     assert len(set(first_losses.values())) == 1, first_losses
     # sgd-plateau is sgd until its first reduction, which patience forbids in the first epochs.
-    steps = runs["sgd"][0]["steps_per_epoch"] * (train.PLATEAU["patience"] + 1)
+    steps = runs["sgd"][0]["steps_per_epoch"] * (methods.PLATEAU["patience"] + 1)
     assert runs["sgd"][0]["train_loss"][:steps] == runs["sgd-plateau"][0]["train_loss"][:steps]
 
 
 def test_quick_run_writes_table_json_and_png(quick_run):
     results, stdout, out = quick_run
+    _assert_outputs(out, stdout, "curves.png")
     assert "| method | final test acc | best test acc | best epoch |" in stdout
+    assert "One seed (0): no spread." in stdout
     for method in results["runs"]:
         assert f"| {method} |" in stdout
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "table.md").read_text(encoding="utf-8").startswith("| method |")
     assert results["summary"]["zenith"]["final_lr_scale"]["mean"] == results["runs"]["zenith"][0]["final_lr_scale"]
 
 
@@ -84,7 +119,7 @@ def test_quick_run_logs_zenith_lr_as_lr_times_lr_scale(quick_run):
     zenith = results["runs"]["zenith"][0]
     assert zenith["effective_lr"] == [lr * s for s in zenith["lr_scale"]]
     assert max(zenith["effective_lr"]) <= lr
-    assert zenith["effective_lr"][-1] == lr * zenith["final_lr_scale"]
+    assert zenith["effective_lr"][-1] == zenith["final_lr"] == lr * zenith["final_lr_scale"]
     assert zenith["final_lr_scale"] < 1  # the gradient norm fell, so ZENITH lowered the rate
     assert results["runs"]["sgd"][0]["effective_lr"] == [lr] * zenith["steps"]
     cosine = results["runs"]["sgd-cosine"][0]["effective_lr"]
@@ -101,10 +136,10 @@ def one_thread():
 
 
 def test_zenith_logged_lr_equals_optimizer_lr_scale_every_step(one_thread):
-    splits = data.load_dataset("digits")
-    cfg = train.TrainConfig(epochs=2, window_size=7)  # a short window: the scale moves every step
+    cfg = methods.TrainConfig(window_size=7)  # a short window: the scale moves every step
+    task = ImageTask(data.load_dataset("digits"), epochs=2, batch_size=32, device="cpu")
     torch.manual_seed(0)
-    init = train.SmallConvNet(splits.in_channels, splits.num_classes).state_dict()
+    init = task.init_model().state_dict()
     read_back = []
 
     def record(opt, step):
@@ -112,37 +147,173 @@ def test_zenith_logged_lr_equals_optimizer_lr_scale_every_step(one_thread):
         assert step == len(read_back)
         read_back.append(opt.param_groups[0]["lr"] * opt.lr_scale.item())
 
-    result = train.train_run("zenith", splits, cfg, init, seed=0, progress=False, step_callback=record)
+    result = loop.train_run("zenith", task, cfg, init, seed=0, step_callback=record)
     assert result["effective_lr"] == read_back
     assert max(read_back) <= cfg.lr
     assert min(read_back) < 0.9 * cfg.lr
 
 
+def _no_lr_free(monkeypatch):
+    monkeypatch.setattr(methods, "lr_free_available", lambda: [])
+    monkeypatch.setattr(cli, "lr_free_available", lambda: [])
+
+
 def test_train_runs_without_the_lr_free_extra_and_says_it_skipped(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "lr_free_available", lambda: [])
-    train.main(["--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
+    _no_lr_free(monkeypatch)
+    main(["--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
-    assert list(results["runs"]) == list(train.BASE_METHODS)
+    assert list(results["runs"]) == list(methods.BASE_METHODS)
     assert "pip install 'zenith-fused[train-extra]'" in results["skipped_methods"]["lr-free"]
     assert "skipped lr-free: neither prodigyopt nor dadaptation is installed" in capsys.readouterr().err
 
 
-def test_several_seeds_print_mean_and_std(tmp_path, capsys):
-    train.main(["--methods", "zenith", "--seeds", "0", "1", "--epochs", "1", "--out", str(tmp_path),
-                "--no-progress", "--window-size", "5"])
+def test_several_seeds_print_mean_and_std_and_one_progress_bar_over_all_runs(tmp_path, capsys):
+    main(["--methods", "zenith", "sgd", "--seeds", "0", "1", "--epochs", "1", "--out", str(tmp_path),
+          "--window-size", "5"])
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     accs = [r["final_test_accuracy"] for r in results["runs"]["zenith"]]
     assert [r["seed"] for r in results["runs"]["zenith"]] == [0, 1]
     assert results["summary"]["zenith"]["final_test_accuracy"]["values"] == accs
     assert results["summary"]["zenith"]["final_test_accuracy"]["mean"] == pytest.approx(np.mean(accs))
-    assert " ± " in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert " ± " in captured.out
+    assert "mean ± sample standard deviation over 2 seeds (0, 1)" in captured.out
+    # One bar counts the steps of all four runs and names the run it is in.
+    steps = 4 * results["runs"]["zenith"][0]["steps"]
+    assert "run 4/4: sgd seed 1" in captured.err
+    assert f"{steps}/{steps}" in captured.err
 
 
 def test_module_runs_as_a_script():
     proc = subprocess.run([sys.executable, "-m", "zenith_fused.train", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "--dataset {digits,mnist,cifar10}" in proc.stdout
+    assert "--dataset {digits,mnist,cifar10,stdlib-text}" in proc.stdout
+    assert "--lr-sweep LR [LR ...]" in proc.stdout and "--window-sweep W [W ...]" in proc.stdout
+
+
+def test_the_optimizer_package_imports_nothing_of_the_training_command():
+    code = ("import sys, zenith_fused, zenith_fused.optimizer, zenith_fused.reference; "
+            "print(sorted(m for m in sys.modules if m.startswith('zenith_fused.train')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_command_without_the_train_extra_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert main(["--quick"]) == 2
+    assert "zenith-train needs matplotlib, which the [train] extra installs: pip install 'zenith-fused[train]'" \
+        in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- sweeps
+def test_lr_sweep_runs_each_method_at_each_lr(lr_sweep):
+    results, stdout, out = lr_sweep
+    _assert_outputs(out, stdout, "lr_sweep.png")
+    grid = [0.01, 0.1, 1.0]
+    sweep = results["sweep"]
+    assert sweep["parameter"] == "lr" and sweep["values"] == grid
+    assert list(sweep["methods"]) == ["zenith", "sgd", "sgd-cosine"]
+    for method, entry in sweep["methods"].items():
+        assert entry["depends"]
+        assert [p["value"] for p in entry["points"]] == grid
+        assert [r["lr"] for r in results["runs"][method]] == grid
+        for point in entry["points"]:
+            assert 0 <= point["final_test_accuracy"]["mean"] <= 1
+    zenith_lrs = [p["final_lr"]["mean"] for p in sweep["methods"]["zenith"]["points"]]
+    assert all(lr < eta0 for lr, eta0 in zip(zenith_lrs, grid))  # ZENITH lowered every η0
+    assert [p["final_lr"]["mean"] for p in sweep["methods"]["sgd"]["points"]] == grid
+    assert "| η0 | zenith | sgd | sgd-cosine | ZENITH final lr |" in stdout
+    assert "| 0.01 |" in stdout and "| 1 |" in stdout
+
+
+def test_window_sweep_runs_zenith_at_each_window_and_the_rest_once(window_sweep):
+    results, stdout, out = window_sweep
+    _assert_outputs(out, stdout, "window_sweep.png")
+    sweep = results["sweep"]
+    assert sweep["parameter"] == "window_size" and sweep["values"] == [10, 100]
+    assert [r["window_size"] for r in results["runs"]["zenith"]] == [10, 100]
+    assert [p["final_lr"]["mean"] for p in sweep["methods"]["zenith"]["points"]][0] != \
+        [p["final_lr"]["mean"] for p in sweep["methods"]["zenith"]["points"]][1]
+    for method in ("sgd", "sgd-cosine"):
+        assert not sweep["methods"][method]["depends"]
+        assert len(results["runs"][method]) == 1 and results["runs"][method][0]["seed"] == 1
+        assert sweep["methods"][method]["reference"]["seeds"] == 1
+    assert "| W | zenith | sgd (one run, any W) | sgd-cosine (one run, any W) | ZENITH final lr |" in stdout
+
+
+def test_digits_split_does_not_depend_on_the_seed(quick_run, window_sweep):
+    assert quick_run[0]["config"]["seeds"] == [0] and window_sweep[0]["config"]["seeds"] == [1]
+    assert quick_run[0]["dataset"] == window_sweep[0]["dataset"]
+    torch.manual_seed(7)
+    np.random.seed(7)
+    assert data.load_dataset("digits", max_train=4096, max_test=1024).fingerprint() == \
+        quick_run[0]["dataset"]["fingerprint"]
+
+
+# ---------------------------------------------------------------------------------- stdlib-text
+def test_text_quick_run_trains_every_method(text_run):
+    results, stdout, out = text_run
+    _assert_outputs(out, stdout, "curves.png")
+    assert list(results["runs"]) == ["zenith", "sgd", "sgd-cosine", "adamw"]
+    assert results["config"]["steps"] == TEXT_QUICK.quick_length and "epochs" not in results["config"]
+    for method, (run,) in results["runs"].items():
+        bpb = run["evals"]["val_bpb"]
+        assert bpb[0] == pytest.approx(8, abs=0.5), method  # an untrained model: about uniform over bytes
+        assert math.isfinite(run["final_test_bpb"]) and run["final_val_bpb"] < bpb[0] - 1, method
+        assert run["final_val_bpb"] == bpb[-1] and run["best_val_bpb"] == min(bpb[1:])
+        assert run["evals"]["step"][-1] == run["steps"] == len(run["train_loss"])
+    assert "| method | test bpb | val bpb |" in stdout
+    assert "bpb: bits per byte" in stdout
+
+
+def test_text_adamw_warms_up_then_decays(text_run):
+    results = text_run[0]
+    lr = results["config"]["adamw_lr"]
+    (adamw,) = results["runs"]["adamw"]
+    rates = adamw["effective_lr"]
+    warmup = max(1, round(methods.ADAMW_WARMUP_FRACTION * len(rates)))
+    assert rates[0] == pytest.approx(lr / warmup)
+    assert max(rates) == pytest.approx(lr) and rates.index(max(rates)) == warmup - 1
+    assert rates[-1] < 0.05 * lr
+
+
+def test_text_split_is_by_file_and_does_not_depend_on_the_seed(text_run, tmp_path):
+    described = text_run[0]["dataset"]
+    assert described["train_bytes"] > 5 * described["test_bytes"] > 0 and described["val_bytes"] > 0
+    torch.manual_seed(123)
+    corpus = text.load_text_corpus()
+    assert corpus.fingerprint() == described["fingerprint"]
+
+    # A small tree: every file lands whole in the split its relative path hashes to, wherever the
+    # tree lies, and excluded folders are left out.
+    files = {f"pkg{i}/mod{j}.py": f"# {i} {j}\n".encode() * (i + j + 1) for i in range(4) for j in range(10)}
+    files["site-packages/other.py"] = b"not the standard library\n"
+    files["test/test_x.py"] = b"a test\n"
+    for root in (tmp_path / "a", tmp_path / "b" / "c"):
+        for rel, body in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(body)
+    first, second = text.load_text_corpus(tmp_path / "a"), text.load_text_corpus(tmp_path / "b" / "c")
+    assert first.fingerprint() == second.fingerprint()
+    kept = sorted(rel for rel in files if rel.startswith("pkg"))
+    assert text.source_files(tmp_path / "a") == kept
+    for split in text.SPLITS:
+        expected = b"".join(files[rel] for rel in kept if text.split_of(rel) == split)
+        assert bytes(getattr(first, split).numpy()) == expected
+    assert {text.split_of(rel) for rel in kept} == set(text.SPLITS)
+
+
+def test_text_model_is_causal():
+    torch.manual_seed(0)
+    model = text.TinyTransformer(d_model=32, n_layers=2, n_heads=4, context=16).eval()
+    x = torch.randint(0, 256, (2, 16))
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :10], model(changed)[:, :10])
+        assert not torch.allclose(model(x)[:, 10:], model(changed)[:, 10:])
 
 
 # ------------------------------------------------------------------------------ offline readers
@@ -215,12 +386,14 @@ def test_train_command_runs_on_mnist_and_cifar10_files(tmp_path):
     _fake_cifar10(tmp_path / "cifar")
     for dataset, folder in (("mnist", "mnist"), ("cifar10", "cifar")):
         out = tmp_path / f"out-{dataset}"
-        train.main(["--dataset", dataset, "--data-dir", str(tmp_path / folder), "--methods", "zenith", "sgd",
+        main(["--dataset", dataset, "--data-dir", str(tmp_path / folder), "--methods", "zenith", "sgd",
                     "--quick", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--out", str(out),
                     "--no-progress"])
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
         assert results["dataset"]["name"] == dataset
         assert all(len(r[0]["train_loss"]) == 4 for r in results["runs"].values())
+        assert results["dataset"]["fingerprint"] == data.load_dataset(dataset, tmp_path / folder,
+                                                                      max_train=4096, max_test=1024).fingerprint()
 
 
 class _Planted:
@@ -286,10 +459,20 @@ def test_dataset_messages(tmp_path):
 def test_optimizer_messages(monkeypatch):
     params = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="Unknown method: 'adam'"):
-        train.make_optimizer("adam", params, train.TrainConfig(), 10)
-    monkeypatch.setattr(train, "lr_free_available", lambda: [])
+        methods.make_optimizer("adam", params, methods.TrainConfig(), 10)
+    _no_lr_free(monkeypatch)
     with pytest.raises(RuntimeError, match="method 'prodigy' needs prodigyopt"):
-        train.make_optimizer("prodigy", params, train.TrainConfig(), 10)
+        methods.make_optimizer("prodigy", params, methods.TrainConfig(), 10)
+
+
+def test_text_corpus_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text corpus folder .*nowhere does not exist"):
+        text.load_text_corpus(tmp_path / "nowhere")
+    (tmp_path / "one.py").write_bytes(b"x = 1\n")
+    with pytest.raises(ValueError, match=r"each split needs at least 130 bytes, got train \d+, val \d+, test \d+"):
+        text.load_text_corpus(tmp_path, min_bytes=130)
+    with pytest.raises(ValueError, match="d_model 30 is not a multiple of n_heads 4"):
+        text.TinyTransformer(d_model=30)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -299,11 +482,19 @@ def test_optimizer_messages(monkeypatch):
     (["--threads", "0"], "--threads must be at least 1, got 0"),
     (["--backend", "nope", "--device", "cpu"], "--backend nope on cpu: Invalid backend: 'nope'"),
     (["--methods", "prodigy"], "--methods prodigy: not installed"),
+    (["--dataset", "stdlib-text", "--epochs", "3"], "stdlib-text runs --steps"),
+    (["--steps", "3"], "--steps is for stdlib-text; --dataset digits runs --epochs"),
+    (["--dataset", "stdlib-text", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--lr-sweep", "0.1", "0"], "--lr-sweep values must be positive, got 0.0"),
+    (["--window-sweep", "-5"], "--window-sweep values must be positive, got -5"),
+    (["--lr-sweep", "0.1", "--window-sweep", "10"], "argument --window-sweep: not allowed with argument --lr-sweep"),
+    (["--dataset", "stdlib-text", "--data-dir", "/nonexistent-zenith"],
+     "--dataset stdlib-text: text corpus folder /nonexistent-zenith does not exist"),
 ])
 def test_command_line_messages(argv, match, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(train, "lr_free_available", lambda: [])
+    _no_lr_free(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*argv, "--out", str(tmp_path)])
+        main([*argv, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert match in capsys.readouterr().err
 
@@ -311,5 +502,5 @@ def test_command_line_messages(argv, match, monkeypatch, capsys, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_device_message_without_cuda(capsys):
     with pytest.raises(SystemExit):
-        train.main(["--device", "cuda"])
+        main(["--device", "cuda"])
     assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err

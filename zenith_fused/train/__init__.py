@@ -1,8 +1,18 @@
-"""The training command, ``python -m zenith_fused.train`` or ``zenith-train``.
+"""The training command, ``python -m zenith_fused.train`` or ``zenith-train``: ZENITH against
+the optimizers a user would otherwise pick, on real data that needs no download.
+
+* a comparison (the default): every method on one task, for several seeds;
+* ``--lr-sweep LR ...`` / ``--window-sweep W ...``: the final test metric against η0 or W;
+* ``--dataset digits|mnist|cifar10``: a small CNN (:mod:`.images`, :mod:`.data`);
+* ``--dataset stdlib-text``: a small byte-level transformer on the standard library's source
+  (:mod:`.text`).
+
+:mod:`.methods` builds the optimizers, :mod:`.loop` trains, :mod:`.report` writes the table, the
+picture and the JSON, and :mod:`.cli` is the command line.
 
 It lives apart from the optimizer: ``import zenith_fused`` imports nothing of it, and it uses
 ``ZenithFused`` through the public API only. Importing this package needs only torch; the command
-itself needs the ``[train]`` extra, which :func:`main` checks before anything else.
+needs the ``[train]`` extra, which :func:`main` checks before anything else.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Offline image-classification data for ``zenith_fused.train``: nothing here downloads.
+"""Offline image-classification data for the training command: nothing here downloads.
 
 * ``digits``: the 8x8 handwritten digits that ship inside scikit-learn (1797 images).
 * ``mnist``: the standard idx files (``train-images-idx3-ubyte`` ... , optionally ``.gz``) in a
@@ -13,6 +13,7 @@ training seed, so every method and every seed sees the same held-out images.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,13 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def fingerprint(self) -> str:
+        """A digest of every split's images and labels: equal exactly when the splits are."""
+        digest = hashlib.sha256()
+        for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            digest.update(getattr(self, key).cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *,

@@ -1,0 +1,130 @@
+"""The optimizers the training command compares, built the same way for every task."""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zenith_fused import ZenithFused
+
+__all__ = ["TrainConfig", "METHODS", "BASE_METHODS", "LR_FREE", "make_optimizer", "lr_free_available",
+           "default_methods", "depends_on", "host_lr"]
+
+# Learning-rate-free optimizers in order of preference: (method name, module, class, package).
+LR_FREE = (
+    ("prodigy", "prodigyopt", "Prodigy", "prodigyopt"),
+    ("dadapt-sgd", "dadaptation", "DAdaptSGD", "dadaptation"),
+)
+BASE_METHODS = ("zenith", "sgd", "sgd-cosine", "sgd-plateau")
+METHODS = BASE_METHODS + ("adamw",) + tuple(name for name, *_ in LR_FREE)
+SGD_MOMENTUM = 0.9  # the baselines use ZenithFused's default momentum
+PLATEAU = dict(mode="min", factor=0.1, patience=3)
+ADAMW_WARMUP_FRACTION = 0.05  # of all steps, then cosine to 0
+
+# The methods whose run changes with each swept parameter; the others run once per seed and are
+# drawn as a reference.
+_DEPENDS = {
+    "lr": frozenset({"zenith", "sgd", "sgd-cosine", "sgd-plateau"}),
+    "window_size": frozenset({"zenith"}),
+}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    epochs: int = 30
+    steps: int = 0  # stdlib-text: optimizer steps of one run (image data sets count epochs)
+    batch_size: int = 32
+    lr: float = 0.1
+    adamw_lr: float = 3e-3
+    adamw_weight_decay: float = 0.01  # torch's default; --weight-decay is the other methods' L2
+    window_size: int = 100
+    weight_decay: float = 0.0
+    device: str = "cpu"
+    backend: str = "auto"
+
+
+def depends_on(method: str, parameter: str) -> bool:
+    """Whether ``method``'s run changes with ``parameter`` (``"lr"`` or ``"window_size"``)."""
+    return method in _DEPENDS[parameter]
+
+
+def lr_free_available() -> list[str]:
+    """The learning-rate-free methods whose package imports here."""
+    available = []
+    for name, module, cls, _ in LR_FREE:
+        try:
+            getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):  # absent, or a version without the class
+            continue
+        available.append(name)
+    return available
+
+
+def default_methods() -> tuple[list[str], dict[str, str]]:
+    """(methods to run, {skipped method: why}): the base four plus the first LR-free one found."""
+    available = lr_free_available()
+    if available:
+        return list(BASE_METHODS) + available[:1], {}
+    packages = " nor ".join(pkg for *_, pkg in LR_FREE)
+    return list(BASE_METHODS), {
+        "lr-free": f"neither {packages} is installed (pip install 'zenith-fused[train-extra]')"
+    }
+
+
+def warmup_cosine(warmup: int, total: int):
+    """The multiplier of ``LambdaLR`` at each step: linear from 1/warmup to 1, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def make_optimizer(method: str, params, cfg: TrainConfig, total_steps: int):
+    """(optimizer, scheduler or None) for ``method``.
+
+    Every scheduler but ``ReduceLROnPlateau`` (stepped on the validation loss at each evaluation)
+    is stepped after every optimizer step.
+    """
+    params = list(params)
+    if method == "zenith":
+        return ZenithFused(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           window_size=cfg.window_size, backend=cfg.backend), None
+    if method in ("sgd", "sgd-cosine", "sgd-plateau"):
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=SGD_MOMENTUM, weight_decay=cfg.weight_decay)
+        if method == "sgd-cosine":
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        if method == "sgd-plateau":
+            return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **PLATEAU)
+        return opt, None
+    if method == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.adamw_lr, weight_decay=cfg.adamw_weight_decay)
+        warmup = max(1, round(ADAMW_WARMUP_FRACTION * total_steps))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps))
+    for name, module, cls, package in LR_FREE:
+        if method == name:
+            if name not in lr_free_available():
+                raise RuntimeError(f"method {name!r} needs {package}: pip install 'zenith-fused[train-extra]'")
+            optimizer_cls = getattr(importlib.import_module(module), cls)
+            # Both are used as their authors recommend: lr=1 (a multiplier on the estimated step).
+            # Prodigy's weight decay is decoupled (AdamW-style), the others' is L2 in the gradient.
+            kwargs = dict(lr=1.0, weight_decay=cfg.weight_decay)
+            if name == "dadapt-sgd":
+                kwargs["momentum"] = SGD_MOMENTUM
+            return optimizer_cls(params, **kwargs), None
+    raise ValueError(f"Unknown method: {method!r}; expected one of {METHODS}")
+
+
+def host_lr(method: str, opt: torch.optim.Optimizer) -> float:
+    """The learning rate of the step just taken, from host values only (no device read).
+
+    ZENITH's is this times its ``lr_scale`` tensor, logged separately; the LR-free optimizers keep
+    their estimate ``d`` as a Python float, and step with ``d * lr``.
+    """
+    group = opt.param_groups[0]
+    if method in ("prodigy", "dadapt-sgd"):
+        return float(group["d"]) * float(group["lr"])
+    return float(group["lr"])
