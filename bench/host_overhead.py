@@ -4,7 +4,8 @@ Every parameter holds one element, so the kernels cost next to nothing and what 
 host's work per step: Python, the dispatcher, checks and launches. That is what bounds a GPU step
 unless it is captured in a CUDA graph. The sets have the tensor counts of ResNet-50 (161), GPT-2
 small (148) and a model of 2000 tensors; the gradients stay the same tensors from step to step, as
-in training (``zero_grad()`` keeps them with ``set_to_none=False``; see ``--set-to-none``).
+in training with ``zero_grad(set_to_none=False)``; ``--set-to-none`` gives every parameter a new
+gradient tensor before every step instead, as the default ``zero_grad()`` and backward do.
 
 Where no GPU is present the Triton backend runs its plan with the three launchers replaced by
 no-ops (the output says so): that measures everything ZenithFused does on the host except the
@@ -72,11 +73,16 @@ def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
     return methods, skipped
 
 
-def time_steps(opt, steps: int, sync) -> float:
-    """Microseconds per step over ``steps`` steps."""
+def time_steps(opt, params, steps: int, sync, grad_sets) -> float:
+    """Microseconds per step over ``steps`` steps. With ``grad_sets``, every step first gives each
+    parameter a gradient tensor other than its last one (what ``zero_grad(set_to_none=True)``
+    then backward does); that assignment is timed for every method alike."""
     sync()
     start = time.perf_counter()
-    for _ in range(steps):
+    for k in range(steps):
+        if grad_sets:
+            for p, g in zip(params, grad_sets[k % 2]):
+                p.grad = g
         opt.step()
     sync()
     return (time.perf_counter() - start) / steps * 1e6
@@ -89,18 +95,16 @@ def measure(count: int, methods: list[str], device: torch.device, rounds: int, s
         params = [torch.nn.Parameter(torch.randn(1, device=device)) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
+        grad_sets = [[torch.randn_like(p) for p in params] for _ in range(2)] if set_to_none else None
         opt = make_optimizer(method, params)
         for _ in range(3):  # state, plan, first-call costs
             opt.step()
-        runs[method] = (opt, params)
+        runs[method] = (opt, params, grad_sets)
     samples = {m: [] for m in methods}
     for _ in range(rounds):
         for method in methods:
-            opt, params = runs[method]
-            if set_to_none:
-                for p in params:
-                    p.grad = torch.randn_like(p)
-            samples[method].append(time_steps(opt, steps, sync))
+            opt, params, grad_sets = runs[method]
+            samples[method].append(time_steps(opt, params, steps, sync, grad_sets))
     return {m: statistics.median(v) for m, v in samples.items()} | {"_samples": samples}
 
 
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated among {list(SETS)}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set-to-none", action="store_true",
-                        help="give every parameter a new gradient tensor before each round")
+                        help="give every parameter a new gradient tensor before every step, as "
+                             "zero_grad(set_to_none=True) and backward do (timed for every method)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     parser.add_argument("--name", default=None, help="file stem (default host-overhead-<device>)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps: a smoke run")
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     methods, skipped = available_methods(device)
 
     print(f"step() host time, 1-element tensors, {device}, {args.threads} thread(s), medians of "
-          f"{args.rounds} interleaved rounds of {args.steps} steps")
+          f"{args.rounds} interleaved rounds of {args.steps} steps"
+          + (", a new gradient tensor per parameter before every step (assignment timed)" if args.set_to_none else ""))
     if noop:
         print("no GPU: the Triton backend's three launchers are replaced by no-ops (host work only)")
     for method, reason in skipped.items():

@@ -17,6 +17,7 @@ A float ``lr`` that a scheduler rewrites costs one small asynchronous copy per b
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from ._engines import make_engine, resolve_backend
 from .reference import GroupHyperparams, compute_dtype
 
 _grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
 _address_of = Tensor.data_ptr
 
 
@@ -55,6 +57,9 @@ class BucketPlan:
     momentum_steps: list[Tensor | None] = field(default_factory=list)
     hyperparam_slots: list[int] = field(default_factory=list)  # per tensor: its row
     owners: list[Tensor] = field(default_factory=list)  # per tensor: the optimizer's parameter
+    flat_indices: list[int] = field(default_factory=list)  # per tensor: its index in all_params
+    params_contiguous: bool = True
+    has_complex: bool = False
     group_indices: list[int] = field(default_factory=list)  # per row: its parameter group
     # Filled by StepPlan._prepare:
     group_hyperparams: list[GroupHyperparams] = field(default_factory=list)  # per row (reference)
@@ -173,8 +178,13 @@ class StepPlan:
         buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
         slot_of: dict[tuple[tuple[torch.device, torch.dtype, str], int], int] = {}
         storage = []
+        # Per entry of all_params: (bucket, index in it) for the parameters with a gradient.
+        self.local = local
+        self.absent = [i for i, g in enumerate(self.grads) if g is None]  # parameters without one
+        flat = -1
         for gi, group in enumerate(groups):
             for p in group["params"]:
+                flat += 1
                 if p.grad is None:
                     continue
                 shard, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
@@ -193,6 +203,9 @@ class StepPlan:
                 bucket.momentum_buffers.append(None)
                 bucket.momentum_steps.append(None)
                 bucket.owners.append(p)
+                bucket.flat_indices.append(flat)
+                bucket.params_contiguous = bucket.params_contiguous and param.is_contiguous()
+                bucket.has_complex = bucket.has_complex or p.is_complex()
                 storage.append(shard)
         # Every check has passed: create or convert the momentum state now.
         self._fill_momentum_state(optimizer, buckets, local, sharding)
@@ -284,16 +297,49 @@ class StepPlan:
     # ------------------------------------------------------------------ every step
     def holds(self, optimizer: Any) -> bool:
         """Whether this plan still describes the optimizer's tensors: one identity comparison per
-        gradient, one address comparison per parameter, a length check per group."""
+        gradient, one address comparison per parameter, a length check per group. Gradients that
+        are new tensors of the same sizes and layouts (``zero_grad(set_to_none=True)`` then
+        backward) are taken in place: the tables get their new addresses, nothing is rebuilt."""
         groups = optimizer.param_groups
         if len(groups) != len(self.groups):
             return False
         for group, (cached, params, n) in zip(groups, self.groups):
             if group is not cached or group["params"] is not params or len(params) != n:
                 return False
-        if not all(map(operator.is_, map(_grad_of, self.all_params), self.grads)):
+        if list(map(_address_of, self.storage)) != self.addresses:
             return False
-        return list(map(_address_of, self.storage)) == self.addresses
+        grads = list(map(_grad_of, self.all_params))
+        if all(map(operator.is_, grads, self.grads)):
+            return True
+        return self._take_new_grads(grads)
+
+    def _take_new_grads(self, grads: list) -> bool:
+        """Swap in replaced gradients; False (rebuild) when any appeared, disappeared, or cannot be
+        walked like the old one. Per bucket, C-level passes: gather, None test, strides test."""
+        if self.local:
+            return False  # DTensor gradients: their local shards are found at a rebuild
+        if self.absent:
+            if [i for i, g in enumerate(grads) if g is None] != self.absent:
+                return False
+        elif any(map(operator.is_, grads, repeat(None))):
+            return False
+        for bucket in self.buckets:
+            new = [grads[i] for i in bucket.flat_indices]
+            if any(map(_is_sparse, new)):
+                return False
+            if bucket.has_complex:
+                new = [kernel_view(g) for g in new]
+            # Contiguous parameters take contiguous gradients (the common case, one cheap call
+            # each); otherwise the fused kernels need the parameter's own strides.
+            if bucket.backend != "reference" and not (
+                bucket.params_contiguous and all(map(Tensor.is_contiguous, new))
+            ) and not all(map(fusable_layout, bucket.params, new)):
+                return False
+            bucket.grads = new
+            if bucket.table is not None:
+                bucket.table.set_grads(new)
+        self.grads = grads
+        return True
 
     def refresh_hyperparams(self, groups: list[dict]) -> bool:
         """Bring the hyper-parameter tables up to date; False when the plan must be rebuilt.

@@ -58,6 +58,20 @@ class TensorTable:
     # the kernels may then use their unmasked, vectorized main loop.
     aligned: bool
     has_momentum: bool  # some tensor has a momentum buffer
+    host_tensors: Tensor | None = None  # the host copy of ``tensors``, for patching addresses
+    others_aligned: bool | None = None  # every parameter and buffer aligned (computed on demand)
+
+    def set_grads(self, grads: Sequence[Tensor]) -> None:
+        """Point the table at new gradient tensors of the same sizes (after
+        ``zero_grad(set_to_none=True)`` and backward): one small copy, no rebuild."""
+        host = self.host_tensors
+        addresses = list(map(Tensor.data_ptr, grads))
+        host[:, GRAD] = torch.tensor(addresses, dtype=torch.int64)
+        if self.others_aligned is None:  # whether every parameter and buffer is: fixed at build
+            self.others_aligned = not bool(((host[:, PARAM] | host[:, MOMENTUM_BUFFER]) % VECTOR_ALIGNMENT).any())
+        self.aligned = self.others_aligned and not any(a % VECTOR_ALIGNMENT for a in addresses)
+        if self.tensors is not host:
+            self.tensors.copy_(host.pin_memory(), non_blocking=True)
 
 
 def upload(host: Tensor, device: torch.device) -> Tensor:
@@ -109,6 +123,7 @@ def build_tensor_table(
         chunk_size=chunk_size,
         aligned=aligned,
         has_momentum=any(b is not None for b in momentum_buffers),
+        host_tensors=host_tensors,
     )
 
 
