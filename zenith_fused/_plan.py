@@ -96,6 +96,31 @@ def bucket_backend(optimizer: Any, param: Tensor, grad: Tensor) -> str:
     return backend
 
 
+def kernel_entries(optimizer: Any, groups: list[dict], buckets: dict) -> Any:
+    """Every parameter with a gradient, in group order, as the kernels see it: yields
+    ``(group index, index among all parameters, parameter, its local shard, the tensor the
+    kernels update, its gradient, its bucket)``, creating the bucket in ``buckets`` (keyed by
+    device, dtype and backend) on first sight. Checks layouts for the fused backends on the way."""
+    sharding = optimizer._sharding_plan()
+    local = sharding is not None and sharding.has_dtensors
+    flat = -1
+    for gi, group in enumerate(groups):
+        for p in group["params"]:
+            flat += 1
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("ZenithFused does not support sparse gradients")
+            shard, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
+            param, grad = kernel_view(shard), kernel_view(grad)
+            backend = bucket_backend(optimizer, param, grad)
+            key = (param.device, param.dtype, backend)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, optimizer._engine(backend))
+            yield gi, flat, p, shard, param, grad, bucket
+
+
 def check_hyperparams(group: dict[str, Any], *, check_tensor_values: bool = False) -> None:
     """torch.optim.SGD's checks. A tensor lr's value is checked only when asked (when a group is
     added), never at step time, where reading it would make the host wait for the device."""
@@ -169,44 +194,29 @@ class StepPlan:
         # Validate everything before creating any state.
         for group in groups:
             check_hyperparams(group)
-        for p, g in zip(self.all_params, self.grads):
-            if g is not None and g.is_sparse:
-                raise RuntimeError("ZenithFused does not support sparse gradients")
         self.keys = [_hyperparam_key(g) for g in groups]
         self.settings = [_settings(g) for g in groups]
 
         buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
         slot_of: dict[tuple[tuple[torch.device, torch.dtype, str], int], int] = {}
         storage = []
-        # Per entry of all_params: (bucket, index in it) for the parameters with a gradient.
         self.local = local
         self.absent = [i for i, g in enumerate(self.grads) if g is None]  # parameters without one
-        flat = -1
-        for gi, group in enumerate(groups):
-            for p in group["params"]:
-                flat += 1
-                if p.grad is None:
-                    continue
-                shard, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
-                param, grad = kernel_view(shard), kernel_view(grad)
-                backend = bucket_backend(optimizer, param, grad)
-                key = (param.device, param.dtype, backend)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, optimizer._engine(backend))
-                if (key, gi) not in slot_of:
-                    slot_of[(key, gi)] = len(bucket.group_indices)
-                    bucket.group_indices.append(gi)
-                bucket.params.append(param)
-                bucket.grads.append(grad)
-                bucket.hyperparam_slots.append(slot_of[(key, gi)])
-                bucket.momentum_buffers.append(None)
-                bucket.momentum_steps.append(None)
-                bucket.owners.append(p)
-                bucket.flat_indices.append(flat)
-                bucket.params_contiguous = bucket.params_contiguous and param.is_contiguous()
-                bucket.has_complex = bucket.has_complex or p.is_complex()
-                storage.append(shard)
+        for gi, flat, p, shard, param, grad, bucket in kernel_entries(optimizer, groups, buckets):
+            key = (bucket.device, bucket.dtype, bucket.backend)
+            if (key, gi) not in slot_of:
+                slot_of[(key, gi)] = len(bucket.group_indices)
+                bucket.group_indices.append(gi)
+            bucket.params.append(param)
+            bucket.grads.append(grad)
+            bucket.hyperparam_slots.append(slot_of[(key, gi)])
+            bucket.momentum_buffers.append(None)
+            bucket.momentum_steps.append(None)
+            bucket.owners.append(p)
+            bucket.flat_indices.append(flat)
+            bucket.params_contiguous = bucket.params_contiguous and param.is_contiguous()
+            bucket.has_complex = bucket.has_complex or p.is_complex()
+            storage.append(shard)
         # Every check has passed: create or convert the momentum state now.
         self._fill_momentum_state(optimizer, buckets, local, sharding)
         self.storage = storage

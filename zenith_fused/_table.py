@@ -59,7 +59,7 @@ class TensorTable:
     aligned: bool
     has_momentum: bool  # some tensor has a momentum buffer
     host_tensors: Tensor | None = None  # the host copy of ``tensors``, for patching addresses
-    others_aligned: bool | None = None  # every parameter and buffer aligned (computed on demand)
+    others_aligned: bool = True  # every parameter and momentum buffer is aligned
 
     def set_grads(self, grads: Sequence[Tensor]) -> None:
         """Point the table at new gradient tensors of the same sizes (after
@@ -67,8 +67,6 @@ class TensorTable:
         host = self.host_tensors
         addresses = list(map(Tensor.data_ptr, grads))
         host[:, GRAD] = torch.tensor(addresses, dtype=torch.int64)
-        if self.others_aligned is None:  # whether every parameter and buffer is: fixed at build
-            self.others_aligned = not bool(((host[:, PARAM] | host[:, MOMENTUM_BUFFER]) % VECTOR_ALIGNMENT).any())
         self.aligned = self.others_aligned and not any(a % VECTOR_ALIGNMENT for a in addresses)
         if self.tensors is not host:
             self.tensors.copy_(host.pin_memory(), non_blocking=True)
@@ -97,7 +95,7 @@ def build_tensor_table(
     device = placeholder_step.device
     rows = []
     chunk_rows = []
-    aligned = True
+    aligned = others_aligned = True
     for index, (p, g, buf, buf_step, slot) in enumerate(
         zip(params, grads, momentum_buffers, momentum_steps, hyperparam_slots)
     ):
@@ -111,7 +109,8 @@ def build_tensor_table(
             numel,
             slot,
         ))
-        aligned = aligned and (p.data_ptr() | g.data_ptr() | buf_ptr) % VECTOR_ALIGNMENT == 0
+        others_aligned = others_aligned and (p.data_ptr() | buf_ptr) % VECTOR_ALIGNMENT == 0
+        aligned = aligned and others_aligned and g.data_ptr() % VECTOR_ALIGNMENT == 0
         chunk_rows.extend((index, start) for start in range(0, max(numel, 1), chunk_size))
     host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, TENSOR_COLUMNS)
     host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2)
@@ -124,6 +123,7 @@ def build_tensor_table(
         aligned=aligned,
         has_momentum=any(b is not None for b in momentum_buffers),
         host_tensors=host_tensors,
+        others_aligned=others_aligned,
     )
 
 

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from . import _distributed, _traced, reference
 from ._engines import BACKENDS, make_engine, resolve_backend
 from ._plan import (
-    BucketPlan, StepPlan, StepView, bucket_backend, check_hyperparams, group_hyperparams, hyperparam_row, is_dense,
+    BucketPlan, StepPlan, StepView, check_hyperparams, group_hyperparams, hyperparam_row, is_dense, kernel_entries,
     kernel_view,
 )
 from ._state import SAVED_HISTORY_FIELDS, STATE_VERSION, check_zenith_entry
@@ -332,25 +332,17 @@ class ZenithFused(Optimizer):
         buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
         for group in self.param_groups:
             check_hyperparams(group)
-            hyperparams = group_hyperparams(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
-                param, grad = kernel_view(param), kernel_view(grad)
-                backend = bucket_backend(self, param, grad)
-                key = (param.device, param.dtype, backend)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, self._engine(backend))
-                if not bucket.group_hyperparams or bucket.group_hyperparams[-1] is not hyperparams:
-                    bucket.group_hyperparams.append(hyperparams)
-                buf, buf_step = self._momentum_state(p) if hyperparams.momentum != 0 else (None, None)
-                bucket.params.append(param)
-                bucket.grads.append(grad)
-                bucket.momentum_buffers.append(kernel_view(sharding.local(buf) if local else buf))
-                bucket.momentum_steps.append(buf_step)
-                bucket.hyperparam_slots.append(len(bucket.group_hyperparams) - 1)
+        hyperparams = [group_hyperparams(group) for group in self.param_groups]
+        for gi, _, p, _, param, grad, bucket in kernel_entries(self, self.param_groups, buckets):
+            hp = hyperparams[gi]
+            if not bucket.group_hyperparams or bucket.group_hyperparams[-1] is not hp:
+                bucket.group_hyperparams.append(hp)
+            buf, buf_step = self._momentum_state(p) if hp.momentum != 0 else (None, None)
+            bucket.params.append(param)
+            bucket.grads.append(grad)
+            bucket.momentum_buffers.append(kernel_view(sharding.local(buf) if local else buf))
+            bucket.momentum_steps.append(buf_step)
+            bucket.hyperparam_slots.append(len(bucket.group_hyperparams) - 1)
         if not buckets and (sharding is None or not sharding.communicates):
             return
 
