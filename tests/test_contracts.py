@@ -281,3 +281,32 @@ def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ZenithFused([torch.nn.Parameter(torch.randn(3))])
+
+
+def test_auto_runs_cpu_tensors_on_the_compiled_kernels():
+    """Never skipped: CI builds the extension (ZENITH_FUSED_BUILD_EXT=1), and a package without it
+    compiles it on first use, so "auto" must have picked the compiled kernels here."""
+    p = torch.nn.Parameter(torch.randn(3))
+    assert dict(ZenithFused([p]).backends) == {(torch.device("cpu"), torch.float32): "cpu"}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_low_precision_tensor_lr_is_not_rounded_with_the_scale(backend):
+    """A bfloat16 lr of shape [1] must not make lr * scale a bfloat16 product (type promotion
+    would let the 1-d tensor win over the 0-dim scale): the reference and the kernels agree."""
+    _skip_unavailable(backend)
+    gen = torch.Generator().manual_seed(7)
+    init = torch.randn(50, generator=gen)
+    lr = torch.tensor([0.1], dtype=torch.bfloat16)
+    twins = []
+    for name in (backend, "reference"):
+        p = torch.nn.Parameter(init.clone())
+        twins.append((ZenithFused([p], lr=lr, backend=name, window_size=2), p))
+    for step in range(6):
+        g = torch.randn(50, generator=gen) / (1 + step)  # falling norms: the scale leaves 1
+        for opt, p in twins:
+            p.grad = g.clone()
+            opt.step()
+    (opt, p), (ref, q) = twins
+    assert ref.lr_scale.item() < 1
+    torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)

@@ -326,3 +326,26 @@ def test_a_replaced_gradient_that_cannot_be_taken_in_place_rebuilds_and_raises(b
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
     assert_bit_identical(before, snapshot(opt, ps))
+
+
+def test_cuda_engine_makes_three_calls_per_bucket(monkeypatch):
+    """The "cuda" engine (no GPU here) driven by a real plan, its three operators replaced by
+    counters: one norm call and one update call per bucket, one history call per step, whatever
+    the number of tensors. Each operator is one kernel launch (csrc/cuda/bindings_cuda.cpp)."""
+    from zenith_fused._compiled_engines import CudaEngine
+
+    engine = object.__new__(CudaEngine)  # its constructor would ask for the CUDA extension
+    calls = []
+    for name in ("_sq_norm_partials", "_update_history", "_momentum_update"):
+        setattr(engine, name, lambda *a, _n=name: calls.append(_n))
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(40)]
+    params += [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(30)]
+    opt = ZenithFused(params, backend="reference")
+    for key in list(opt._bucket_backends):
+        opt._bucket_backends[key] = "cuda"
+    opt._engines["cuda"] = engine
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert [b.backend for b in opt._plan.buckets] == ["cuda", "cuda"]
+    assert sorted(calls) == sorted(["_sq_norm_partials"] * 2 + ["_update_history"] + ["_momentum_update"] * 2)
