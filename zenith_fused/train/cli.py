@@ -155,7 +155,7 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def _at_least_one(parser: argparse.ArgumentParser, flag: str, values: Sequence[float] | None) -> None:
+def _check_positive(parser: argparse.ArgumentParser, flag: str, values: Sequence[float] | None) -> None:
     for value in values or ():
         if not value > 0:
             parser.error(f"{flag} values must be positive, got {value}")
@@ -188,8 +188,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size = mode.quick_batch_size if args.quick else mode.batch_size
     if batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {batch_size}")
-    _at_least_one(parser, "--lr-sweep", args.lr_sweep)
-    _at_least_one(parser, "--window-sweep", args.window_sweep)
+    _check_positive(parser, "--lr-sweep", args.lr_sweep)
+    _check_positive(parser, "--window-sweep", args.window_sweep)
     cfg = TrainConfig(dataset=args.dataset, epochs=0 if text else length, steps=length if text else 0,
                       batch_size=batch_size, lr=args.lr if args.lr is not None else mode.lr,
                       adamw_lr=args.adamw_lr, window_size=args.window_size, weight_decay=args.weight_decay,

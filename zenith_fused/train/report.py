@@ -244,8 +244,11 @@ def _title(results: dict[str, Any]) -> str:
     cfg, env = results["config"], results["environment"]
     length = f"{cfg['steps']} steps" if "steps" in cfg else f"{cfg['epochs']} epochs"
     adamw = f", AdamW lr {cfg['adamw_lr']}" if "adamw" in cfg["methods"] else ""
-    return (f"{results['dataset']['name']}: {length}, batch {cfg['batch_size']}, lr {cfg['lr']}{adamw}, "
-            f"W {cfg['window_size']}, weight decay {cfg['weight_decay']} — torch {env['torch']} on {env['device']}")
+    swept = results.get("sweep", {}).get("parameter")
+    lr = "η0 swept" if swept == "lr" else f"lr {cfg['lr']}"
+    window = "W swept" if swept == "window_size" else f"W {cfg['window_size']}"
+    return (f"{results['dataset']['name']}: {length}, batch {cfg['batch_size']}, {lr}{adamw}, {window}, "
+            f"weight decay {cfg['weight_decay']} — torch {env['torch']} on {env['device']}")
 
 
 def _bpb_limits(runs: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
