@@ -77,7 +77,9 @@ run_stage() {
 }
 
 # ------------------------------------------------------------------ make the package importable
-PKG_ENV=(env -u TRITON_INTERPRET PYTHONSAFEPATH=1)
+# ZENITH_FUSED_BUILD_EXT=0: no stage compiles the extension on first use behind its own time box;
+# the build stage below does it (its =1 and EXT_ENV's come later on the command line and win).
+PKG_ENV=(env -u TRITON_INTERPRET PYTHONSAFEPATH=1 ZENITH_FUSED_BUILD_EXT=0)
 probe='import zenith_fused, zenith_fused.triton_kernels, zenith_fused._engines; print(zenith_fused.__file__)'
 setup_note=""
 if [[ ${ZENITH_GPU_CHECK_PIP:-0} == 1 ]]; then

@@ -3,6 +3,7 @@ its parameter, a resume keeps the momentum, a checkpoint is validated, and nothi
 Every CPU backend (Triton under its interpreter) against the reference or against torch's SGD."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -283,9 +284,11 @@ def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
         ZenithFused([torch.nn.Parameter(torch.randn(3))])
 
 
+@pytest.mark.skipif(os.environ.get("ZENITH_FUSED_BUILD_EXT") == "0",
+                    reason="ZENITH_FUSED_BUILD_EXT=0: the compiled kernels are switched off on purpose")
 def test_auto_runs_cpu_tensors_on_the_compiled_kernels():
-    """Never skipped: CI builds the extension (ZENITH_FUSED_BUILD_EXT=1), and a package without it
-    compiles it on first use, so "auto" must have picked the compiled kernels here."""
+    """Not skipped in CI: CI builds the extension (ZENITH_FUSED_BUILD_EXT=1), and a package
+    without it compiles it on first use, so "auto" must have picked the compiled kernels here."""
     p = torch.nn.Parameter(torch.randn(3))
     assert dict(ZenithFused([p]).backends) == {(torch.device("cpu"), torch.float32): "cpu"}
 
