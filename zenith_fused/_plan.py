@@ -201,6 +201,7 @@ class StepPlan:
         slot_of: dict[tuple[tuple[torch.device, torch.dtype, str], int], int] = {}
         storage = []
         self.local = local
+        self.sharding = sharding
         self.absent = [i for i, g in enumerate(self.grads) if g is None]  # parameters without one
         for gi, flat, p, shard, param, grad, bucket in kernel_entries(optimizer, groups, buckets):
             key = (bucket.device, bucket.dtype, bucket.backend)
@@ -326,8 +327,6 @@ class StepPlan:
     def _take_new_grads(self, grads: list) -> bool:
         """Swap in replaced gradients; False (rebuild) when any appeared, disappeared, or cannot be
         walked like the old one. Per bucket, C-level passes: gather, None test, strides test."""
-        if self.local:
-            return False  # DTensor gradients: their local shards are found at a rebuild
         if self.absent:
             if [i for i, g in enumerate(grads) if g is None] != self.absent:
                 return False
@@ -337,6 +336,10 @@ class StepPlan:
             new = [grads[i] for i in bucket.flat_indices]
             if any(map(_is_sparse, new)):
                 return False
+            if self.local:
+                # DTensor gradients (FSDP2 makes new ones at every step): their local shards, after
+                # the same placement check a rebuild makes.
+                new = [self.sharding.local_param_and_grad(self.all_params[i])[1] for i in bucket.flat_indices]
             if bucket.has_complex:
                 new = [kernel_view(g) for g in new]
             # Contiguous parameters take contiguous gradients (the common case, one cheap call
