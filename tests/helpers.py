@@ -48,6 +48,13 @@ def backend_unavailable(backend: str, device: str) -> str | None:
     return None
 
 
+def skip_if_unavailable(backend: str, device: str = "cpu") -> None:
+    """Skip the calling test, with the backend's own reason, where it cannot run here."""
+    reason = backend_unavailable(backend, device)
+    if reason:
+        pytest.skip(reason)
+
+
 def fused_cases() -> list:
     """(backend, device) pairs for every fused backend, skipped with the reason when it can't run."""
     cases = []

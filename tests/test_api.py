@@ -316,11 +316,9 @@ class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 def test_step_reads_no_tensor_value_on_the_host(backend, monkeypatch):
-    from helpers import backend_unavailable
+    from helpers import skip_if_unavailable
 
-    reason = backend_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
+    skip_if_unavailable(backend)
     ps = [torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(3, 3))]
     # Every step-time input at once: a tensor lr, clipping, and GradScaler's two tensors.
     opt = ZenithFused(ps, lr=torch.tensor(0.1), backend=backend, window_size=2, dampening=0.1, max_grad_norm=1.0)

@@ -8,18 +8,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_bit_identical, backend_unavailable, roundtrip, snapshot
+from helpers import assert_bit_identical, roundtrip, skip_if_unavailable, snapshot
 
 import zenith_fused.optimizer as optimizer_module
 from zenith_fused import ZenithFused
 
 CPU_BACKENDS = ["reference", "cpu", "triton"]
-
-
-def _skip_unavailable(backend: str) -> None:
-    reason = backend_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
 
 
 def _sgd_twin(params, **kwargs):
@@ -30,7 +24,7 @@ def _sgd_twin(params, **kwargs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float64_is_stepped_in_float64(backend):
     """The issue's example: float32 arithmetic would leave 1.0 and 0.10000000149011612."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     p = torch.nn.Parameter(torch.tensor([1.0, 0.1], dtype=torch.float64))
     q = torch.nn.Parameter(p.detach().clone())
     opt = ZenithFused([p], lr=1.0, momentum=0.0, backend=backend)
@@ -45,7 +39,7 @@ def test_float64_is_stepped_in_float64(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float64_momentum_matches_torch_sgd_in_the_first_step(backend):
     """At step 1 the scale is exactly 1, so ZENITH is SGD: every option, float64, to 1e-15."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(17,), (3, 4)]]
     grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in init]
@@ -65,7 +59,7 @@ def test_float64_momentum_matches_torch_sgd_in_the_first_step(backend):
 # ------------------------------------------------------------------ complex and non-dense
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_complex_parameters_step_as_their_real_view(backend):
-    _skip_unavailable("reference" if backend == "auto" else backend)
+    skip_if_unavailable("reference" if backend == "auto" else backend)
     gen = torch.Generator().manual_seed(1)
     init = torch.randn(6, 2, generator=gen)
     pc = torch.nn.Parameter(torch.view_as_complex(init.clone()))
@@ -104,7 +98,7 @@ def test_non_dense_parameters_work_under_auto():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lr_shape", [(), (1,), (1, 1)], ids=str)
 def test_tensor_lr_of_any_one_element_shape(backend, lr_shape):
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     ps = [torch.nn.Parameter(torch.ones(())), torch.nn.Parameter(torch.ones(10))]
     opt = ZenithFused(ps, lr=torch.full(lr_shape, 0.5), momentum=0.0, backend=backend)
     for p in ps:
@@ -116,7 +110,7 @@ def test_tensor_lr_of_any_one_element_shape(backend, lr_shape):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(), (1,)], ids=str)
 def test_grad_scale_and_found_inf_of_any_one_element_shape(backend, shape):
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     p = torch.nn.Parameter(torch.ones(4))
     opt = ZenithFused([p], lr=1.0, momentum=0.0, backend=backend)
     p.grad = torch.full((4,), 8.0)
@@ -144,7 +138,7 @@ def test_empty_first_group_works():
 def test_state_follows_a_parameter_changed_after_the_first_step(backend, change):
     """As torch.optim.SGD: the optimizer keeps stepping correctly after the parameter's dtype or
     layout changed, compared with the reference given the same change."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     gen = torch.Generator().manual_seed(3)
     init = torch.randn(2, 3, 4, 5, generator=gen)
     twins = []
@@ -179,7 +173,7 @@ def test_state_follows_a_parameter_changed_after_the_first_step(backend, change)
 def test_loading_without_the_history_keeps_the_momentum(backend):
     """A state dict with momentum buffers but no "zenith" entry (torch's DCP helpers, or the
     history dropped on purpose): the next step gives momentum * buf + d, not d."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ZenithFused([p], lr=1.0, momentum=0.5, backend=backend)
     p.grad = torch.ones(3)
@@ -237,7 +231,7 @@ def test_a_corrupt_history_entry_is_refused_naming_the_field(field, value, match
 def test_a_step_that_raises_has_changed_nothing(backend):
     """Every check runs before the first kernel: a parameter the explicit fused backend cannot
     walk, in the last group, stops the step before any history or parameter changes."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     good = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 3))]
     bad = torch.nn.Parameter(torch.randn(8, 4)[::2])
     opt = ZenithFused([{"params": good}, {"params": [bad], "lr": 0.01}], backend=backend, window_size=2)
@@ -297,7 +291,7 @@ def test_auto_runs_cpu_tensors_on_the_compiled_kernels():
 def test_low_precision_tensor_lr_is_not_rounded_with_the_scale(backend):
     """A bfloat16 lr of shape [1] must not make lr * scale a bfloat16 product (type promotion
     would let the 1-d tensor win over the 0-dim scale): the reference and the kernels agree."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     gen = torch.Generator().manual_seed(7)
     init = torch.randn(50, generator=gen)
     lr = torch.tensor([0.1], dtype=torch.bfloat16)

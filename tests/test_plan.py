@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_history_equal, backend_unavailable, random_grads, set_grads
+from helpers import assert_history_equal, random_grads, set_grads, skip_if_unavailable
 
 from zenith_fused import ZenithFused
 from zenith_fused import _plan, optimizer as optimizer_module
@@ -14,12 +14,6 @@ from zenith_fused._plan import BucketPlan, _history_device
 
 PLAN_BACKENDS = ["reference", "cpu", "triton"]
 SHAPES = [(33,), (4, 5), (1,), (300,)]
-
-
-def _skip_unavailable(backend: str) -> None:
-    reason = backend_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
 
 
 @pytest.fixture
@@ -59,7 +53,7 @@ def _assert_twins_equal(opt, params, ref, ref_params):
 
 @pytest.mark.parametrize("backend", PLAN_BACKENDS)
 def test_plan_is_reused_while_nothing_changes(backend, plan_builds, small_chunks):
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     (opt, params), _ = _twins(backend, [{"index": [0, 1, 2, 3]}])
     gen = torch.Generator().manual_seed(0)
     set_grads(params, random_grads(SHAPES, torch.float32, "cpu", gen, 0))
@@ -78,7 +72,7 @@ def test_plan_is_reused_while_nothing_changes(backend, plan_builds, small_chunks
 def test_plan_follows_every_change_and_stays_exact(backend, plan_builds, small_chunks):
     """Each event below must rebuild the plan, or (for gradients that are merely new tensors)
     re-point its tables at them, and the twins must stay equal after it."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     groups = [{"index": [0, 1]}, {"index": [2], "momentum": 0.5, "dampening": 0.2}]
     (opt, params), (ref, ref_params) = _twins(backend, groups)
     gen = torch.Generator().manual_seed(1)
@@ -130,7 +124,7 @@ def test_plan_follows_every_change_and_stays_exact(backend, plan_builds, small_c
 
 @pytest.mark.parametrize("backend", PLAN_BACKENDS)
 def test_scheduler_lr_updates_the_table_without_a_rebuild(backend, plan_builds, monkeypatch, small_chunks):
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     (opt, params), (ref, ref_params) = _twins(backend, [{"index": [0, 1]}, {"index": [2, 3], "lr": 0.05}])
     writes = []
     original = _plan.StepPlan._write_hyperparams
@@ -160,7 +154,7 @@ def test_scheduler_lr_updates_the_table_without_a_rebuild(backend, plan_builds, 
 
 @pytest.mark.parametrize("backend", PLAN_BACKENDS)
 def test_tensor_lr_costs_no_host_work(backend, plan_builds, monkeypatch):
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     lr = torch.tensor(0.1)
     (opt, params), (ref, ref_params) = _twins(backend, [{"index": [0, 1, 2, 3]}], lr=lr)
     gen = torch.Generator().manual_seed(4)
@@ -183,7 +177,7 @@ def test_tensor_lr_costs_no_host_work(backend, plan_builds, monkeypatch):
 @pytest.mark.parametrize("backend", PLAN_BACKENDS)
 def test_lr_switching_between_float_and_tensor_is_never_stale(backend):
     """Two groups, one float lr and one tensor lr, then each switched to the other kind and to 0."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     groups = [{"index": [0, 1], "lr": 0.1}, {"index": [2, 3], "lr": torch.tensor(0.2)}]
     (opt, params), (ref, ref_params) = _twins(backend, groups)
     gen = torch.Generator().manual_seed(5)
@@ -213,7 +207,7 @@ def test_at_most_three_launches_per_bucket(backend, monkeypatch):
     """Hooks the launchers (Triton) or the compiled operators (the "cpu" engine; the "cuda" engine
     is the same class over the same three operators): a step of two buckets of many tensors
     makes 2 + 1 + 2 calls, whatever the number of tensors."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     calls = []
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(40)]
     params += [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(30)]
@@ -243,7 +237,7 @@ def test_at_most_three_launches_per_bucket(backend, monkeypatch):
 def test_every_triton_launch_runs_under_its_bucket_device_guard(monkeypatch):
     """Triton launches on the current device: the engine must enter the bucket's device first.
     Fails if the guard around any launch is removed."""
-    _skip_unavailable("triton")
+    skip_if_unavailable("triton")
     import zenith_fused.triton_kernels as kernels
     from zenith_fused import _triton_engine
 
@@ -290,7 +284,7 @@ def test_history_lives_with_the_gradients():
 def test_dtype_change_after_the_first_step_converts_the_state(backend):
     """model.double() after a step: the momentum buffer follows its parameter (as in SGD), and the
     optimizer keeps matching the reference."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     (opt, params), (ref, ref_params) = _twins(backend, [{"index": [0, 1, 2, 3]}])
     gen = torch.Generator().manual_seed(6)
     for step in range(4):
@@ -312,7 +306,7 @@ def test_dtype_change_after_the_first_step_converts_the_state(backend):
 def test_a_replaced_gradient_that_cannot_be_taken_in_place_rebuilds_and_raises(backend):
     """A new gradient that is sparse is not swapped into the tables: the rebuild raises, before
     anything changed."""
-    _skip_unavailable(backend)
+    skip_if_unavailable(backend)
     from helpers import assert_bit_identical, snapshot
 
     ps = [torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))]

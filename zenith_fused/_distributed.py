@@ -120,6 +120,15 @@ class ShardingPlan:
             "with zenith_fused.set_optimizer_state_dict, which reshards it"
         )
 
+    def reduce_sq_norm(self, local_sq_norm_partials: Tensor, param_groups: list[dict], device: torch.device) -> Tensor:
+        """What the history folds in place of this rank's partials: ``n_t ** 2`` summed over the
+        ranks that hold other shards (the partials themselves when nothing is sharded)."""
+        if self.shared is None:
+            return self.global_sq_norm_by_groups(param_groups, device)
+        if self.shared:
+            return self.global_sq_norm(local_sq_norm_partials)
+        return local_sq_norm_partials
+
     def global_sq_norm(self, local_sq_norm_partials: Tensor) -> Tensor:
         """``n_t ** 2`` from this rank's partials, when every parameter shares its groups."""
         import torch.distributed as dist

@@ -8,24 +8,26 @@ so that a step that raises has changed nothing.
 
 While it holds, a step costs one identity comparison per gradient and one address comparison per
 parameter (:meth:`StepPlan.holds`), a comparison of each group's hyper-parameters, and three
-launches per bucket. It is rebuilt when a gradient appears, disappears or is replaced
-(``zero_grad(set_to_none=True)``), when a parameter's storage changes (``.to()``, ``.double()``,
-``p.data = ...``), when a group is added or its momentum switches on or off, when its ``lr``
-switches between a float and a tensor or to another tensor, and after ``load_state_dict``.
-A float ``lr`` that a scheduler rewrites costs one small asynchronous copy per bucket.
+launches per bucket. Gradients replaced by new tensors of the same sizes and layouts
+(``zero_grad(set_to_none=True)`` then backward) are taken in place: their addresses are patched
+into the tables. The plan is rebuilt when a gradient appears or disappears, when a parameter's
+storage changes (``.to()``, ``.double()``, ``p.data = ...``), when a group is added or its
+momentum switches on or off, when its ``lr`` switches between a float and a tensor or to another
+tensor, and after ``load_state_dict``. A float ``lr`` that a scheduler rewrites costs one small
+asynchronous copy per bucket.
 """
 from __future__ import annotations
 
 import operator
-from itertools import repeat
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from itertools import repeat
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _table
-from ._engines import make_engine, resolve_backend
+from ._engines import resolve_backend
 from .reference import GroupHyperparams, compute_dtype
 
 _grad_of = operator.attrgetter("grad")
@@ -41,6 +43,16 @@ class StepView:
     step: Tensor
     step_applied: Tensor
     grad_multiplier: Tensor
+
+    @classmethod
+    def of(cls, history, device: torch.device) -> "StepView":
+        """``history``'s values on ``device``: the history's own tensors there, else copies (only
+        for optimizers whose parameters span devices; a copy to the CPU is a blocking one, since
+        the CPU kernels read it at once)."""
+        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
+        if device == history.device:
+            return cls(*values)
+        return cls(*(t.to(device, non_blocking=device.type == "cuda") for t in values))
 
 
 @dataclass
@@ -163,10 +175,11 @@ def hyperparam_row(hp: GroupHyperparams) -> tuple[float, ...]:
     )
 
 
-def _settings(group: dict[str, Any]) -> tuple:
-    """What a plan is built for, per group, apart from the lr's value: a change means a rebuild."""
-    lr = group["lr"]
-    return (lr if isinstance(lr, Tensor) else None, group["momentum"] != 0)
+def _structure(key: tuple) -> tuple:
+    """What a plan is built for, per group, apart from the values of a float lr and the rest: a
+    tensor lr (its identity) and whether momentum is on. A change means a rebuild."""
+    lr = key[0]
+    return (lr if isinstance(lr, Tensor) else None, key[1] != 0)
 
 
 def _hyperparam_key(group: dict[str, Any]) -> tuple:
@@ -195,7 +208,6 @@ class StepPlan:
         for group in groups:
             check_hyperparams(group)
         self.keys = [_hyperparam_key(g) for g in groups]
-        self.settings = [_settings(g) for g in groups]
 
         buckets: dict[tuple[torch.device, torch.dtype, str], BucketPlan] = {}
         slot_of: dict[tuple[tuple[torch.device, torch.dtype, str], int], int] = {}
@@ -249,12 +261,11 @@ class StepPlan:
         bucket.group_hyperparams = [group_hyperparams(groups[gi]) for gi in bucket.group_indices]
         if not getattr(bucket.engine, "uses_table", False):
             return
-        placeholder = torch.zeros((), dtype=torch.int64, device=bucket.device)
         bucket.table = _table.build_tensor_table(
             bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps, bucket.hyperparam_slots,
-            chunk_size=bucket.engine.chunk_size(bucket.device), placeholder_step=placeholder,
+            chunk_size=bucket.engine.chunk_size(bucket.device),
+            placeholder_step=torch.zeros((), dtype=torch.int64, device=bucket.device),
         )
-        bucket.placeholder = placeholder  # the table holds its address
         self._write_hyperparams(bucket, rebuild=True)
 
     def _write_hyperparams(self, bucket: BucketPlan, *, rebuild: bool = False) -> None:
@@ -299,11 +310,10 @@ class StepPlan:
     def bind_history(self, history) -> None:
         """The history this plan's steps fold into (on ``history_device``)."""
         self.history_tensors = history.kernel_tensors()
-        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
         # With every bucket on the history's device the views never change: made once.
         self.views = None
         if all(b.device == self.history_device for b in self.buckets):
-            self.views = {self.history_device: StepView(*values)}
+            self.views = {self.history_device: StepView.of(history, self.history_device)}
 
     # ------------------------------------------------------------------ every step
     def holds(self, optimizer: Any) -> bool:
@@ -364,8 +374,8 @@ class StepPlan:
             if _same_key(key, self.keys[gi]):
                 continue
             check_hyperparams(group)
-            settings = _settings(group)
-            if settings[0] is not self.settings[gi][0] or settings[1] != self.settings[gi][1]:
+            now, then = _structure(key), _structure(self.keys[gi])
+            if now[0] is not then[0] or now[1] != then[1]:
                 return False
             self.keys[gi] = key
             changed = set() if changed is None else changed
@@ -379,14 +389,8 @@ class StepPlan:
         return True
 
     def views_on_devices(self, history) -> dict[torch.device, StepView]:
-        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
-        out = {self.history_device: StepView(*values)}
-        for b in self.buckets:
-            if b.device not in out:
-                # Only for optimizers whose parameters span devices. A copy to the CPU must be a
-                # blocking one: the CPU kernels read it at once.
-                out[b.device] = StepView(*(t.to(b.device, non_blocking=b.device.type == "cuda") for t in values))
-        return out
+        """The views of every bucket's device, made at each step when the buckets span devices."""
+        return {device: StepView.of(history, device) for device in {b.device for b in self.buckets}}
 
 
 def _history_device(buckets: list[BucketPlan], current: torch.device) -> torch.device:

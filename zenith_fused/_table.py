@@ -59,6 +59,9 @@ class TensorTable:
     aligned: bool
     has_momentum: bool  # some tensor has a momentum buffer
     host_tensors: Tensor | None = None  # the host copy of ``tensors``, for patching addresses
+    # The stand-in step counter whose address the table holds for tensors without a buffer: kept
+    # alive as long as the table is.
+    placeholder_step: Tensor | None = None
     others_aligned: bool = True  # every parameter and momentum buffer is aligned
 
     def set_grads(self, grads: Sequence[Tensor]) -> None:
@@ -91,7 +94,8 @@ def build_tensor_table(
     chunk_size: int,
     placeholder_step: Tensor,
 ) -> TensorTable:
-    """The tables for one (device, dtype) bucket; the caller keeps the tensors alive."""
+    """The tables for one (device, dtype) bucket; the caller keeps the tensors alive (the table
+    keeps ``placeholder_step``)."""
     device = placeholder_step.device
     rows = []
     chunk_rows = []
@@ -124,6 +128,7 @@ def build_tensor_table(
         has_momentum=any(b is not None for b in momentum_buffers),
         host_tensors=host_tensors,
         others_aligned=others_aligned,
+        placeholder_step=placeholder_step,
     )
 
 
@@ -146,15 +151,15 @@ def hyperparam_table(
     host = torch.tensor([list(r) for r in rows], dtype=dtype).reshape(-1, HYPERPARAM_COLUMNS)
     hyperparams = upload(host, device)
     lr_addresses = lr_addresses or {}
-    row_bytes = HYPERPARAM_COLUMNS * hyperparams.element_size()
-    base = hyperparams.data_ptr() + LR * hyperparams.element_size()
-    ptrs = [lr_addresses.get(g, base + g * row_bytes) for g in range(len(host))]
+    ptrs = [lr_addresses.get(g, own) for g, own in enumerate(lr_cell_addresses(hyperparams))]
     return hyperparams, upload(torch.tensor(ptrs, dtype=torch.int64), device)
 
 
-def lr_address(hyperparams: Tensor, group: int) -> int:
-    """The address of ``hyperparams[group, LR]``."""
-    return hyperparams[group, LR].data_ptr()
+def lr_cell_addresses(hyperparams: Tensor) -> list[int]:
+    """The address of every ``hyperparams[g, LR]``, in row order."""
+    row_bytes = hyperparams.stride(0) * hyperparams.element_size()
+    base = hyperparams.data_ptr() + LR * hyperparams.stride(1) * hyperparams.element_size()
+    return [base + g * row_bytes for g in range(hyperparams.shape[0])]
 
 
 def device_guard(device: torch.device):

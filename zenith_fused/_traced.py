@@ -56,10 +56,9 @@ def _bucket(backend, params, grads, buffered, momentum_buffers, momentum_steps, 
         bucket = BucketPlan(device, dtype, backend, engine, list(params), list(grads),
                             _aligned(n, buffered, momentum_buffers), _aligned(n, buffered, momentum_steps),
                             list(hyperparam_slots))
-        bucket.placeholder = torch.zeros((), dtype=torch.int64, device=device)
         bucket.table = _table.build_tensor_table(
             bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps, bucket.hyperparam_slots,
-            chunk_size=engine.chunk_size(device), placeholder_step=bucket.placeholder,
+            chunk_size=engine.chunk_size(device), placeholder_step=torch.zeros((), dtype=torch.int64, device=device),
         )
         if len(_BUCKETS) > 64:  # tensors that moved leave stale entries behind
             _BUCKETS.clear()
@@ -69,9 +68,7 @@ def _bucket(backend, params, grads, buffered, momentum_buffers, momentum_steps, 
 
 def _lr_ptrs(hyperparams: Tensor) -> Tensor:
     """Every group's lr read from the table's own lr column (a traced step writes tensor lrs in)."""
-    row_bytes = hyperparams.stride(0) * hyperparams.element_size()
-    base = hyperparams.data_ptr() + _table.LR * hyperparams.element_size()
-    host = torch.tensor([base + g * row_bytes for g in range(hyperparams.shape[0])], dtype=torch.int64)
+    host = torch.tensor(_table.lr_cell_addresses(hyperparams), dtype=torch.int64)
     return _table.upload(host, hyperparams.device)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _distributed, _traced, reference
+from . import _distributed, _table, _traced, reference
 from ._engines import BACKENDS, make_engine, resolve_backend
 from ._plan import (
     BucketPlan, StepPlan, StepView, check_hyperparams, group_hyperparams, hyperparam_row, is_dense, kernel_entries,
@@ -297,11 +297,8 @@ class ZenithFused(Optimizer):
                 bucket.partials_destination.copy_(bucket.partials, non_blocking=True)
         sq_norm_partials = plan.partials
         if sharding is not None:
-            if sharding.shared is None:
-                sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, plan.history_device)
-            elif sharding.shared:
-                # Sum the shards' squares across ranks, on the device, before the history sees them.
-                sq_norm_partials = sharding.global_sq_norm(sq_norm_partials)
+            # Sum the shards' squares across ranks, on the device, before the history sees them.
+            sq_norm_partials = sharding.reduce_sq_norm(sq_norm_partials, self.param_groups, plan.history_device)
         plan.history_engine.update_history(sq_norm_partials, plan.history_tensors, self._step_inputs())
 
         views = plan.views
@@ -355,10 +352,7 @@ class ZenithFused(Optimizer):
                 partials.append(_traced.sq_norm_partials(bucket.backend, *_op_lists(bucket)).to(history.device))
         sq_norm_partials = torch.cat(partials) if partials else torch.zeros(1, device=history.device)
         if sharding is not None:
-            if sharding.shared is None:
-                sq_norm_partials = sharding.global_sq_norm_by_groups(self.param_groups, history.device)
-            elif sharding.shared:
-                sq_norm_partials = sharding.global_sq_norm(sq_norm_partials)
+            sq_norm_partials = sharding.reduce_sq_norm(sq_norm_partials, self.param_groups, history.device)
         inputs = self._step_inputs()
         history_backend = next((b.backend for b in buckets.values() if b.device == history.device), "reference")
         if history_backend == "reference":
@@ -366,9 +360,8 @@ class ZenithFused(Optimizer):
         else:
             _traced.update_history(history_backend, sq_norm_partials, history.kernel_tensors(), inputs.grad_scale,
                                    inputs.found_inf, inputs.max_grad_norm)
-        values = (history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
         for bucket in buckets.values():
-            view = StepView(*(v.to(bucket.device) for v in values))
+            view = StepView.of(history, bucket.device)
             if bucket.backend == "reference":
                 reference.momentum_update(
                     bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps,
@@ -381,7 +374,7 @@ class ZenithFused(Optimizer):
                                  device=bucket.device)
             for slot, hp in enumerate(bucket.group_hyperparams):
                 if isinstance(hp.lr, Tensor):
-                    table[slot, 0] = hp.lr.reshape(()).to(dtype)
+                    table[slot, _table.LR] = hp.lr.reshape(()).to(dtype)
             _traced.momentum_update(bucket.backend, *_op_lists(bucket), table, view.lr_scale, view.step,
                                     view.step_applied, view.grad_multiplier)
 
