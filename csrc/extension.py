@@ -9,7 +9,7 @@ import sys
 
 CSRC = os.path.dirname(os.path.abspath(__file__))
 
-# The baseline kernels come before the AVX2 / AVX512 builds: if the linker ever had to choose
+# The baseline kernels come before the AVX2 / AVX512 / AVX512_BF16 builds: if the linker ever had to choose
 # between copies of one inline function, it keeps the first (see cpu/isa_prelude.h).
 CPU_SOURCES = (
     "bindings.cpp",
@@ -18,6 +18,7 @@ CPU_SOURCES = (
     "cpu/kernels_cpu_default.cpp",
     "cpu/kernels_cpu_avx2.cpp",
     "cpu/kernels_cpu_avx512.cpp",
+    "cpu/kernels_cpu_avx512_bf16.cpp",
 )
 CUDA_SOURCES = (
     "cuda/bindings_cuda.cpp",

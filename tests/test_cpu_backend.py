@@ -214,6 +214,56 @@ def test_update_is_bit_identical_to_reference(dtype, filled_at, chunk_size, grad
     assert not torch.equal(b.params[-1], initial[-1])
 
 
+def _special_values(dtype, n, gen):
+    """n values of ``dtype``: random normal ones, with NaNs of either sign and of several payloads,
+    infinities, zeros of both signs, denormals and the largest finite values at random places,
+    and whole stretches (one vector block and more) without any of them."""
+    info = torch.finfo(dtype)
+    bits_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    nans = torch.tensor([0x7FC0, 0x7F81, 0xFFC1, 0x7FFF] if dtype == torch.bfloat16 else
+                        [0x7E00, 0x7C01, 0xFE01, 0x7FFF] if dtype == torch.float16 else
+                        [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF], dtype=torch.int64)
+    nans = torch.where(nans >= 2 ** (info.bits - 1), nans - 2**info.bits, nans).to(bits_dtype).view(dtype)
+    tiny = info.smallest_normal
+    specials = torch.cat([nans, torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, tiny / 2, -tiny / 4, tiny / 64,
+                                              tiny * 0.999, info.max, -info.max], dtype=dtype)])
+    values = torch.randn(n, generator=gen).to(dtype)
+    where = torch.randint(0, n // 2, (3 * len(specials),), generator=gen)  # the second half stays normal
+    values[where] = specials.repeat(3)
+    return values
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_SINGLE, ids=str)
+def test_update_special_values_match_the_reference(dtype):
+    """NaN, infinities, signed zeros, denormals and the largest finite values, in parameters,
+    gradients and momentum buffers: every stored value has the reference's bits (NaN only has to
+    meet NaN: torch does not fix a NaN's payload). Values near the largest finite one step to
+    infinity; denormals stay denormal."""
+    gen = torch.Generator().manual_seed(17)
+    shapes = [(200,), (1000,), (3000,)]
+    b = _bucket(dtype, shapes, [0, 0, 2], filled_at=1, seed=5)
+    for tensors in (b.params, b.grads, b.buffers):
+        for t in tensors:
+            t.copy_(_special_values(dtype, t.numel(), gen))
+    # A stretch of denormal parameters with no gradient and no momentum: they stay denormal.
+    tiny = torch.finfo(dtype).smallest_normal
+    b.params[1][96:160] = tiny * torch.randint(1, 16, (64,), generator=gen).to(dtype) / -32
+    b.grads[1][96:160] = 0
+    b.buffers[1][96:160] = 0
+    ref_params, ref_buffers, ref_steps = _clone_all(b.params), _clone_all(b.buffers), _clone_all(b.steps)
+    _run_update(b, lr_scale=0.75, step=2)
+    _run_reference_update(b, ref_params, ref_buffers, ref_steps, lr_scale=0.75, step=2)
+    for name, ours, theirs in (("params", b.params, ref_params), ("momentum_buffers", b.buffers, ref_buffers)):
+        for i, (a, e) in enumerate(zip(ours, theirs)):
+            nan = e.isnan()
+            assert torch.equal(a.isnan(), nan), f"{name}[{i}]: NaN in other places than the reference's"
+            assert torch.equal(a[~nan], e[~nan]), f"{name}[{i}]: {(a[~nan] != e[~nan]).sum().item()} values differ"
+    # The cases this test is about did occur.
+    results = torch.cat(ref_params + ref_buffers).float()
+    denormal = (results != 0) & (results.abs() < tiny)
+    assert results.isnan().any() and results.isinf().any() and denormal.sum() >= 64
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_lr_is_read_through_lr_ptrs(dtype):
     """The table's own lr column holds 1e6; each group's lr_ptrs entry points at a tensor lr."""
@@ -431,10 +481,10 @@ for name, (dtype, params, grads, buffers, steps, slots, rows) in inputs.items():
     out["params"][name] = (params, buffers)
 torch.save(out, sys.argv[2])
 """
-_ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+_ISA_ORDER = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
 
 
-@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2"])
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
 def test_every_instruction_set_build_gives_the_same_bits(isa, tmp_path):
     here = ops().cpu_kernel_isa()
     if here not in _ISA_ORDER or _ISA_ORDER.index(isa) >= _ISA_ORDER.index(here):
@@ -442,6 +492,11 @@ def test_every_instruction_set_build_gives_the_same_bits(isa, tmp_path):
     sizes = [1, 31, 33, 64, 1000, 4099]
     buckets = {str(dtype): _bucket(dtype, [(n,) for n in sizes], _slots(len(sizes)), filled_at=1, seed=11)
                for dtype in ALL_DTYPES}
+    gen = torch.Generator().manual_seed(12)
+    for dtype in HALF_AND_SINGLE:  # NaN, infinities, denormals: the paths that leave the fast conversion
+        b = buckets[f"{dtype} specials"] = _bucket(dtype, [(n,) for n in sizes], _slots(len(sizes)), filled_at=1)
+        for tensor in (*b.params, *b.grads, *(t for t in b.buffers if t is not None)):
+            tensor.copy_(_special_values(dtype, tensor.numel(), gen) if tensor.numel() > 1 else tensor)
     inputs = {name: (b.dtype, b.params, b.grads, b.buffers, b.steps, b.slots, _rows(HYPERPARAMS))
               for name, b in buckets.items()}
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -455,9 +510,21 @@ def test_every_instruction_set_build_gives_the_same_bits(isa, tmp_path):
     for name, b in buckets.items():
         partials = _sq_norm_partials(b)
         _run_update(b, lr_scale=0.75, step=2, grad_multiplier=0.5)
-        assert torch.equal(partials, theirs["partials"][name]), f"{name} partials: {here} != {isa}"
-        _assert_lists_equal(theirs["params"][name][0], b.params, f"{name} params ({isa})")
-        _assert_lists_equal(theirs["params"][name][1], b.buffers, f"{name} buffers ({isa})")
+        assert torch.equal(partials, theirs["partials"][name]) or "specials" in name, f"{name} partials: {here} != {isa}"
+        _assert_lists_equal(_bits(theirs["params"][name][0]), _bits(b.params), f"{name} params ({isa})")
+        _assert_lists_equal(_bits(theirs["params"][name][1]), _bits(b.buffers), f"{name} buffers ({isa})")
+
+
+def _bits(tensors):
+    """Each tensor's bits as integers (so -0.0 differs from 0.0), every NaN as one NaN pattern:
+    which operand's payload an operation on two NaNs keeps is up to the instruction."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    out = []
+    for t in tensors:
+        if t is not None:
+            t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(ints[t.element_size()])
+        out.append(t)
+    return out
 
 
 # ------------------------------------------------------------------ the optimizer end to end

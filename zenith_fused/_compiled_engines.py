@@ -2,7 +2,8 @@
 on a plan's bucket, one operator call per step each, whatever the number of tensors.
 
 * ``CpuEngine``: C++ over ``at::vec::Vectorized`` (the AVX512, AVX2 or baseline build, as ATen
-  picks its own), chunks spread over ATen's intra-op threads.
+  picks its own, or AVX512 with AVX512_BF16 where the processor has it and ``ATEN_CPU_CAPABILITY``
+  names no build), chunks spread over ATen's intra-op threads.
 * ``CudaEngine``: CUDA kernels that read the plan's tables from device memory, one launch per
   operator; the history lives on the device and the host never reads it.
 

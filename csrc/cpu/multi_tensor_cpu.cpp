@@ -5,6 +5,7 @@
 #include <ATen/Version.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 namespace zenith_fused::cpu {
@@ -18,6 +19,14 @@ constexpr int64_t kMinParallelWork = 1 << 16;
 
 KernelSet choose_kernels() {
   const std::string capability = at::get_cpu_capability();
+  // ATEN_CPU_CAPABILITY=avx512 asks for ATen's AVX512 build, so for ours without the extension.
+  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
+  if (capability == "AVX512" && (requested == nullptr || *requested == '\0')) {
+    const KernelSet k = avx512_bf16_kernels();
+    if (k.momentum_update != nullptr) {
+      return k;
+    }
+  }
   if (capability == "AVX512") {
     const KernelSet k = avx512_kernels();
     if (k.momentum_update != nullptr) {

@@ -60,7 +60,7 @@ using MomentumUpdateF64Fn = void (*)(const UpdateTensor<double>* tensors, const 
                                      int64_t num_chunks);
 
 struct KernelSet {
-  const char* isa;  // "DEFAULT", "AVX2" or "AVX512", as torch.backends.cpu names them
+  const char* isa;  // "DEFAULT", "AVX2" or "AVX512" as torch.backends.cpu names them, or "AVX512_BF16"
   SqNormPartialsFn sq_norm_partials;
   MomentumUpdateFn momentum_update;
   MomentumUpdateF64Fn momentum_update_f64;
@@ -70,9 +70,11 @@ struct KernelSet {
 KernelSet default_kernels();
 KernelSet avx2_kernels();
 KernelSet avx512_kernels();
+KernelSet avx512_bf16_kernels();  // null also where the processor lacks AVX512_BF16
 
 // The best build this processor runs, following ATen's own choice (at::get_cpu_capability(),
-// which honours ATEN_CPU_CAPABILITY=default|avx2|avx512).
+// which honours ATEN_CPU_CAPABILITY=default|avx2|avx512): AVX512_BF16 where ATen chose AVX512 by
+// itself and the processor has it, else the build named like ATen's.
 const KernelSet& kernels();
 
 // Calls body(first, last) on disjoint, contiguous ranges of chunks that together cover all of
