@@ -11,7 +11,8 @@ step (norm partials, history, update). Each repeat runs every candidate once, in
 the table shows medians, the ratio to fused SGD next to each time, and the bandwidth each one
 reaches over the bytes it must move (fused SGD and the update: read p, g, buf, write p, buf; the
 norm: read g; the step: both, 24 bytes per float32 parameter against SGD's 20, so 1.2x is byte
-parity).
+parity). ``torch._foreach_norm`` of the gradients is there for scale: what reading every gradient
+once costs torch's own kernel.
 
 Medians of interleaved repeats because the machine this runs on is usually shared; run with one
 thread first (the default), then with all of them.
@@ -80,7 +81,12 @@ def candidates(params, grads, bufs, steps, dtype):
         ops.momentum_update(table.tensors, table.chunks, dtype, CHUNK_SIZE, True, hyperparams, lr_ptrs,
                             history.lr_scale, history.step, history.step_applied, history.grad_multiplier)
 
-    return {"fused SGD": sgd, "update": update, "norm": norm, "ZENITH step": step}, keep_alive
+    def torch_norm():
+        # torch's own multi-tensor norm: what reading every gradient once costs torch.
+        torch._foreach_norm(grads)
+
+    return ({"fused SGD": sgd, "update": update, "norm": norm, "ZENITH step": step, "torch norm": torch_norm},
+            keep_alive)
 
 
 def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -107,7 +113,7 @@ def _time_rounds(fns, names, times, repeats):
 
 
 def bytes_moved(name: str, numel: int, element_size: int) -> int:
-    per_element = {"fused SGD": 5, "update": 5, "norm": 1, "ZENITH step": 6}[name]
+    per_element = {"fused SGD": 5, "update": 5, "norm": 1, "ZENITH step": 6, "torch norm": 1}[name]
     return per_element * numel * element_size
 
 
