@@ -1,6 +1,6 @@
-// The AVX512 build of kernels_cpu.h with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
-// later): the same kernels, except that the bfloat16 update converts its results with
-// VCVTNE2PS2BF16 (see store_update_pair in kernels_cpu.h). ATen has no such capability, so the
+// The AVX512 build of kernels_cpu.h's update with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4
+// and later): the bfloat16 update converts its results with VCVTNE2PS2BF16 (see store_update_pair
+// in kernels_cpu.h); everything else is the AVX512 build's. ATen has no such capability, so the
 // harness picks this build itself, when the processor has the instructions and
 // ATEN_CPU_CAPABILITY does not name a build (multi_tensor_cpu.cpp).
 #include "multi_tensor_cpu.h"
@@ -23,12 +23,13 @@
 #pragma GCC pop_options
 
 namespace zenith_fused::cpu {
+// Only the update differs from the AVX512 build; the norm and the float64 update are its own.
 KernelSet avx512_bf16_kernels() {
-  if (!__builtin_cpu_supports("avx512bf16")) {
+  const KernelSet avx512 = avx512_kernels();
+  if (!__builtin_cpu_supports("avx512bf16") || avx512.momentum_update == nullptr) {
     return {"AVX512_BF16", nullptr, nullptr, nullptr};
   }
-  return {"AVX512_BF16", &AVX512_BF16::sq_norm_partials, &AVX512_BF16::momentum_update,
-          &AVX512_BF16::momentum_update_f64};
+  return {"AVX512_BF16", avx512.sq_norm_partials, &AVX512_BF16::momentum_update, avx512.momentum_update_f64};
 }
 }  // namespace zenith_fused::cpu
 
