@@ -1,9 +1,9 @@
 // Definitions shared by the CPU and CUDA kernels of zenith_fused and their bindings.
 //
 // Deliberately free of torch and CUDA headers: the per-instruction-set CPU kernel files and the
-// plain-CUDA kernel file include it too. The column numbers repeat zenith_fused/_table.py and the
-// history order repeats zenith_fused.reference.HISTORY_FIELDS; tests/test_cpu_backend.py checks
-// that they agree.
+// plain-CUDA kernel file include it too. The column numbers and the history order repeat
+// zenith_fused/layout.py, the one definition; tests/test_layout.py fails when they drift (it also
+// reads the History and HistoryPointers structs, which list the fields by name in this order).
 #pragma once
 
 #include <cstdint>
@@ -21,7 +21,7 @@ namespace zenith_fused {
 // and float64 for Double (zenith_fused.reference.compute_dtype).
 enum class ScalarKind : int8_t { Float, Half, BFloat16, Double };
 
-// Columns of the int64 [N, kColumns] tensor table, one row per tensor (_table.TENSOR_COLUMNS).
+// Columns of the int64 [N, kColumns] tensor table, one row per tensor (layout.TENSOR_COLUMNS).
 namespace tensor_column {
 constexpr int kParam = 0;
 constexpr int kGrad = 1;
@@ -29,7 +29,8 @@ constexpr int kMomentumBuffer = 2;
 constexpr int kMomentumStep = 3;
 constexpr int kNumel = 4;
 constexpr int kHyperparamSlot = 5;
-constexpr int kColumns = 6;
+constexpr int kAligned = 6;  // 1: parameter, gradient and buffer start 16-byte aligned
+constexpr int kColumns = 7;
 }  // namespace tensor_column
 
 // Columns of the int64 [C, kColumns] chunk table, one row per chunk: the row of its tensor in the
@@ -41,7 +42,7 @@ constexpr int kColumns = 2;
 }  // namespace chunk_column
 
 // Columns of the [G, kColumns] hyper-parameter table (compute dtype), one row per parameter
-// group (_table.HYPERPARAM_COLUMNS). The kernels read a group's lr through lr_ptrs, never kLr.
+// group (layout.HYPERPARAM_COLUMNS). The kernels read a group's lr through lr_ptrs, never kLr.
 namespace hyperparam {
 constexpr int kLr = 0;
 constexpr int kMomentum = 1;
@@ -52,7 +53,7 @@ constexpr int kMaximize = 5;
 constexpr int kColumns = 6;
 }  // namespace hyperparam
 
-// The history list of update_history, in zenith_fused.reference.HISTORY_FIELDS order.
+// The history list of update_history, in zenith_fused.layout.HISTORY_FIELDS order.
 namespace history_field {
 constexpr int kStep = 0;           // int64, one element
 constexpr int kNormWindow = 1;     // float32 [W], contiguous
@@ -62,7 +63,8 @@ constexpr int kGradNorm = 4;       // float32, one element
 constexpr int kLrScale = 5;        // float32, one element
 constexpr int kStepApplied = 6;    // int32, one element
 constexpr int kGradMultiplier = 7; // float32, one element
-constexpr int kCount = 8;
+constexpr int kWarmupSteps = 8;    // int64, one element: K
+constexpr int kCount = 9;
 }  // namespace history_field
 
 // The ring-buffer slot of step t: t mod W in [0, W) for every t, also a corrupt negative one
@@ -77,8 +79,8 @@ ZENITH_FUSED_HOST_DEVICE constexpr int64_t next_step(int64_t t) {
   return t == INT64_MAX ? t : t + 1;
 }
 
-// The number of norms the window mean divides by: min(t, W), at least 1, as the reference's
-// new_step.clamp(min=1, max=W).
+// The number of norms the window mean divides by: min(u, W), at least 1, as the reference's
+// (new_step - K).clamp(min=1, max=W), for u = t - K.
 ZENITH_FUSED_HOST_DEVICE constexpr int64_t window_count(int64_t t, int64_t window_size) {
   return t < 1 ? 1 : (t < window_size ? t : window_size);
 }

@@ -121,6 +121,7 @@ struct History {
   const at::Tensor& lr_scale;
   const at::Tensor& step_applied;
   const at::Tensor& grad_multiplier;
+  const at::Tensor& warmup_steps;
 };
 
 // update_history(sq_norm_partials, history, grad_scale, found_inf, max_grad_norm): everything on
@@ -131,7 +132,7 @@ inline History check_update_history_args(const at::Tensor& sq_norm_partials, at:
   constexpr const char* op = "zenith_fused::update_history";
   namespace f = history_field;
   TORCH_CHECK(history.size() == f::kCount, op, ": history must hold the ", f::kCount,
-              " tensors of zenith_fused.reference.HISTORY_FIELDS, in that order; got ", history.size());
+              " tensors of zenith_fused.layout.HISTORY_FIELDS, in that order; got ", history.size());
   const at::Tensor& window = history[f::kNormWindow];
   const at::Device device = window.device();
   TORCH_CHECK(window.dim() == 1 && window.numel() >= 1 && window.is_contiguous() &&
@@ -145,6 +146,7 @@ inline History check_update_history_args(const at::Tensor& sq_norm_partials, at:
   check_scalar(history[f::kLrScale], op, "lr_scale", at::kFloat, device);
   check_scalar(history[f::kStepApplied], op, "step_applied", at::kInt, device);
   check_scalar(history[f::kGradMultiplier], op, "grad_multiplier", at::kFloat, device);
+  check_scalar(history[f::kWarmupSteps], op, "warmup_steps", at::kLong, device);
   TORCH_CHECK(sq_norm_partials.dim() == 1 && sq_norm_partials.scalar_type() == at::kFloat &&
                   sq_norm_partials.is_contiguous() && sq_norm_partials.device() == device,
               op, ": sq_norm_partials must be a contiguous 1-D float32 tensor on ", device,
@@ -165,7 +167,8 @@ inline History check_update_history_args(const at::Tensor& sq_norm_partials, at:
           history[f::kGradNorm],
           history[f::kLrScale],
           history[f::kStepApplied],
-          history[f::kGradMultiplier]};
+          history[f::kGradMultiplier],
+          history[f::kWarmupSteps]};
 }
 
 }  // namespace zenith_fused

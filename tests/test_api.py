@@ -150,7 +150,7 @@ def test_channels_last_and_transposed_parameters_work(backend, device, small_chu
 # ------------------------------------------------------------------ backend choice
 def test_explicit_triton_backend_without_gpu_or_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run: the Triton kernels run on CUDA tensors"):
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run: backend 'triton' runs on cuda tensors \\(CPU tensors only under TRITON_INTERPRET=1\\)"):
         ZenithFused(params(), backend="triton")
 
 

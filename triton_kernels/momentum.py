@@ -35,11 +35,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zenith_fused._table import TensorTable
-
 from . import config as _config
 from .dtypes import to_storage, triton_compute_dtype, triton_dtype
 from .table import (
+    ALIGNED,
+    CHUNK_COLUMNS,
+    CHUNK_START,
+    CHUNK_TENSOR,
     GRAD,
     HYPERPARAM_COLUMNS,
     HYPERPARAM_SLOT,
@@ -94,11 +96,11 @@ def _update_range(
     param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
     first, momentum, one_minus_dampening, nesterov,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, USE_BUFFER: tl.constexpr,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, VECTOR: tl.constexpr,
 ):
     """Elements ``[0, n)`` of the chunk whose first element ``param``/``grad``/``buffer`` point at."""
     lanes = tl.arange(0, BLOCK)
-    if ALIGNED:
+    if VECTOR:
         # Unmasked 128-bit main loop, one masked tail block.
         full = n // BLOCK * BLOCK
         for offset in range(0, full, BLOCK):
@@ -111,6 +113,35 @@ def _update_range(
         for offset in range(0, n, BLOCK):
             _update_block(param, grad, buffer, offset + lanes, n, step_lr, grad_multiplier, maximize, weight_decay,
                           first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER, MASKED=True)
+
+
+@triton.jit
+def _update_chunk(
+    param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+    first, momentum, one_minus_dampening, nesterov,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    BLOCK: tl.constexpr, VECTORIZE: tl.constexpr,
+):
+    """The chunk at element ``start`` of one tensor: the 128-bit path when this tensor is aligned
+    (its ALIGNED column, checked by the host for parameter, gradient and buffer alike), the
+    masked scalar path otherwise. Alignment is per tensor, so a misaligned view does not slow
+    the rest of its bucket."""
+    if VECTORIZE:
+        if aligned:
+            # Chunks start at multiples of 16 elements.
+            start = tl.multiple_of(start, 16)
+            _update_range(tl.multiple_of(param, VECTOR_ALIGNMENT) + start, tl.multiple_of(grad, VECTOR_ALIGNMENT) + start,
+                          tl.multiple_of(buffer, VECTOR_ALIGNMENT) + start, n, step_lr, grad_multiplier, maximize,
+                          weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
+                          BLOCK, VECTOR=True)
+        else:
+            _update_range(param + start, grad + start, buffer + start, n, step_lr, grad_multiplier, maximize,
+                          weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
+                          BLOCK, VECTOR=False)
+    else:
+        _update_range(param + start, grad + start, buffer + start, n, step_lr, grad_multiplier, maximize,
+                      weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
+                      BLOCK, VECTOR=False)
 
 
 @triton.jit
@@ -128,25 +159,17 @@ def _momentum_update_kernel(
     HAS_MOMENTUM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    VECTORIZE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    tensor = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
+    tensor = tl.load(chunks + CHUNK_COLUMNS * chunk + CHUNK_TENSOR)
+    start = tl.load(chunks + CHUNK_COLUMNS * chunk + CHUNK_START)
     row = tensors + tensor * TENSOR_COLUMNS
     numel = tl.load(row + NUMEL)
     param = tl.load(row + PARAM).to(tl.pointer_type(DTYPE))
     grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
     buffer = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        # The host checked every address; chunks start at multiples of 16 elements.
-        param = tl.multiple_of(param, VECTOR_ALIGNMENT)
-        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT)
-        buffer = tl.multiple_of(buffer, VECTOR_ALIGNMENT)
-        start = tl.multiple_of(start, 16)
-    param += start
-    grad += start
-    buffer += start
+    aligned = tl.load(row + ALIGNED) != 0
 
     slot = tl.load(row + HYPERPARAM_SLOT)
     hp = hyperparams + slot * HYPERPARAM_COLUMNS
@@ -173,18 +196,18 @@ def _momentum_update_kernel(
         first = (buffer_step == 0) | (buffer_step == step)
         tl.store(buffer_step_ptr, step, mask=has_buffer & applied & (buffer_step == 0) & (start == 0))
         if has_buffer:
-            _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
-                          first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, True, BLOCK, ALIGNED)
+            _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, True, BLOCK, VECTORIZE)
         else:
-            _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
-                          False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, ALIGNED)
+            _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+                          False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, VECTORIZE)
     else:
-        _update_range(param, grad, buffer, n, step_lr, grad_multiplier, maximize, weight_decay,
-                      False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, ALIGNED)
+        _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+                      False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, VECTORIZE)
 
 
 def momentum_update(
-    table: TensorTable,
+    table,
     dtype: torch.dtype,
     hyperparams: Tensor,
     lr_ptrs: Tensor,
@@ -195,6 +218,7 @@ def momentum_update(
 ) -> None:
     """Update every tensor of ``table`` in place (the formula is in this module's docstring).
 
+    ``table``: a ``zenith_fused._table.TensorTable`` (columns in :mod:`zenith_fused.layout`).
     ``hyperparams`` ``[G, 6]`` and the scalars ``lr_ptrs`` point at are in the compute dtype of
     ``dtype`` (float64 for float64, else float32); ``lr_scale``, ``step``, ``step_applied`` and
     ``grad_multiplier`` are the history's 0-dim tensors, on the table's device.
@@ -219,7 +243,7 @@ def momentum_update(
         HAS_MOMENTUM=table.has_momentum,
         CHUNK=table.chunk_size,
         BLOCK=_config.block_for(config, table.chunk_size, dtype),
-        ALIGNED=table.aligned and table.chunk_size % 16 == 0,
+        VECTORIZE=table.any_aligned and table.chunk_size % 16 == 0,
         num_warps=config.num_warps,
         # Round every product and sum on its own, as the reference does: see the docstring.
         enable_fp_fusion=False,

@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zenith_fused._table import TensorTable
-
 from . import config as _config
 from .dtypes import triton_dtype
-from .table import GRAD, NUMEL, TENSOR_COLUMNS, VECTOR_ALIGNMENT
+from .table import ALIGNED, CHUNK_COLUMNS, CHUNK_START, CHUNK_TENSOR, GRAD, NUMEL, TENSOR_COLUMNS, VECTOR_ALIGNMENT
 
 
 @triton.jit
@@ -32,6 +30,28 @@ def _sq_norm_block(grad, offsets, n, ACC_DTYPE: tl.constexpr, MASKED: tl.constex
         g = tl.load(grad + offsets)
     g = g.to(ACC_DTYPE)
     return g * g
+
+
+@triton.jit
+def _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, VECTOR: tl.constexpr):
+    """The per-lane sums of squares of elements ``[start, start + n)`` of ``grad``."""
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    if VECTOR:
+        # The host checked this tensor's address (its ALIGNED column), and chunks start at
+        # multiples of the chunk size (a multiple of 16 elements): tell the compiler, so that the
+        # unmasked main loop becomes 128-bit loads.
+        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT) + tl.multiple_of(start, 16)
+        full = n // BLOCK * BLOCK
+        for offset in range(0, full, BLOCK):
+            offsets = tl.max_contiguous(tl.multiple_of(offset + lanes, BLOCK), BLOCK)
+            acc += _sq_norm_block(grad, offsets, n, ACC_DTYPE, MASKED=False)
+        acc += _sq_norm_block(grad, full + lanes, n, ACC_DTYPE, MASKED=True)
+    else:
+        grad = grad + start
+        # A small tensor's chunk ends early: no fully masked iterations.
+        for offset in range(0, n, BLOCK):
+            acc += _sq_norm_block(grad, offset + lanes, n, ACC_DTYPE, MASKED=True)
+    return acc
 
 
 # ``out`` is a slice of a plan-owned buffer at any offset: specializing on its alignment would
@@ -45,40 +65,33 @@ def _sq_norm_partials_kernel(
     ACC_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    VECTORIZE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    tensor = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
+    tensor = tl.load(chunks + CHUNK_COLUMNS * chunk + CHUNK_TENSOR)
+    start = tl.load(chunks + CHUNK_COLUMNS * chunk + CHUNK_START)
     row = tensors + tensor * TENSOR_COLUMNS
     # Elements of this chunk; <= CHUNK, so the offsets within it fit in int32.
     n = tl.minimum(tl.load(row + NUMEL) - start, CHUNK).to(tl.int32)
     grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
-    if ALIGNED:
-        # The host checked that every address is VECTOR_ALIGNMENT-byte aligned, and chunks start
-        # at multiples of the chunk size (a multiple of 16 elements): tell the compiler, so that
-        # the unmasked main loop becomes 128-bit loads.
-        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT)
-        start = tl.multiple_of(start, 16)
-        grad = grad + start
-        full = n // BLOCK * BLOCK
-        for offset in range(0, full, BLOCK):
-            offsets = tl.max_contiguous(tl.multiple_of(offset + lanes, BLOCK), BLOCK)
-            acc += _sq_norm_block(grad, offsets, n, ACC_DTYPE, MASKED=False)
-        acc += _sq_norm_block(grad, full + lanes, n, ACC_DTYPE, MASKED=True)
+    # Alignment is decided per tensor: a misaligned view takes the masked scalar loop without
+    # taking the rest of its bucket with it. VECTORIZE (some tensor is aligned) leaves the
+    # 128-bit path out of the kernel when no tensor could take it.
+    if VECTORIZE:
+        if tl.load(row + ALIGNED) != 0:
+            acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=True)
+        else:
+            acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=False)
     else:
-        grad = grad + start
-        # A small tensor's chunk ends early: no fully masked iterations.
-        for offset in range(0, n, BLOCK):
-            acc += _sq_norm_block(grad, offset + lanes, n, ACC_DTYPE, MASKED=True)
+        acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=False)
     tl.store(sq_norm_partials + chunk, tl.sum(acc, axis=0).to(tl.float32))
 
 
-def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor) -> None:
+def sq_norm_partials(table, dtype: torch.dtype, out: Tensor) -> None:
     """Write ``out[c]`` = the squared L2 norm of chunk ``c`` of ``table``'s gradients.
 
+    ``table``: a ``zenith_fused._table.TensorTable`` (columns in :mod:`zenith_fused.layout`).
     ``out`` is a contiguous float32 1-D tensor of ``table.num_chunks`` elements on the table's
     device. The formula is in this module's docstring; the math is ``zenith_fused/reference.py``'s.
     """
@@ -93,7 +106,7 @@ def sq_norm_partials(table: TensorTable, dtype: torch.dtype, out: Tensor) -> Non
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         CHUNK=table.chunk_size,
         BLOCK=_config.block_for(config, table.chunk_size, dtype),
-        ALIGNED=table.aligned and table.chunk_size % 16 == 0,
+        VECTORIZE=table.any_aligned and table.chunk_size % 16 == 0,
         num_warps=config.num_warps,
         # No contraction of g * g + acc into an FMA: the GPU then accumulates each lane as the
         # interpreter does (the reduction tree across lanes still differs, see the docstring).

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from ._state import check_zenith_entry
+from . import _distributed, _state
+from ._plan import momentum_state
 from .optimizer import ZenithFused
 
 __all__ = ["get_optimizer_state_dict", "set_optimizer_state_dict"]
@@ -40,12 +41,12 @@ def _fill_momentum_state(optimizer: ZenithFused) -> None:
     not run their zero-gradient ``step()`` (which would push a zero norm into ZENITH's history and
     mark the buffers filled), and a checkpoint holds the same keys whichever parameters have had a
     gradient, so a fresh optimizer's state dict is a template ``dcp.load`` can fill."""
-    optimizer._sharding_plan()  # the buffer checks need the current plan
+    sharding = _distributed.sharding_plan(optimizer.param_groups, optimizer.process_group)
     for group in optimizer.param_groups:
         if group["momentum"] != 0:
             for p in group["params"]:
                 if p.requires_grad:
-                    optimizer._momentum_state(p)
+                    momentum_state(optimizer.state[p], p, sharding)
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def get_optimizer_state_dict(
     _fill_momentum_state(optimizer)
     with _history_kept(optimizer):
         state = torch_state_dict.get_optimizer_state_dict(model, optimizer, options=options)
-    zenith = optimizer._history_entry()
+    zenith = _state.history_entry(optimizer.history, optimizer.window_size, optimizer.warmup_steps)
     if options is not None and options.cpu_offload:
         zenith = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in zenith.items()}  # sync-ok: checkpoint helper, not the step path
     state["zenith"] = zenith
@@ -104,11 +105,8 @@ def set_optimizer_state_dict(
     state = dict(optim_state_dict)
     zenith = state.pop("zenith", None)
     if zenith is not None:
-        check_zenith_entry(zenith, optimizer.window_size)  # before anything changes
+        _state.check_zenith_entry(zenith, optimizer.window_size, optimizer.warmup_steps)  # before anything changes
     _fill_momentum_state(optimizer)
-    optimizer._history_follows = zenith is not None
-    try:
+    with _state.history_follows(optimizer) if zenith is not None else contextlib.nullcontext():
         torch_state_dict.set_optimizer_state_dict(model, optimizer, state, options=options)
-    finally:
-        optimizer._history_follows = False
-    optimizer._load_history(zenith)
+    _state.load_history(optimizer.history, zenith)

@@ -15,10 +15,20 @@ storage changes (``.to()``, ``.double()``, ``p.data = ...``), when a group is ad
 momentum switches on or off, when its ``lr`` switches between a float and a tensor or to another
 tensor, and after ``load_state_dict``. A float ``lr`` that a scheduler rewrites costs one small
 asynchronous copy per bucket.
+
+One plan serves every way a step runs: :func:`run_step` is the step, called directly by an eager
+``step()`` and, under ``torch.compile``, from inside the one custom op of
+:mod:`zenith_fused._traced`. After a warm-up step with static gradients (the CUDA-graph recipe) a
+step makes only the kernel calls: no allocation, no host-to-device copy, no synchronization.
+
+The plan never keeps a gradient alive: it holds weak references to the gradients it was built or
+patched for, and its buckets drop theirs when a step ends. ``zero_grad(set_to_none=True)`` frees
+the gradients, as it does under ``torch.optim.SGD``.
 """
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -27,12 +37,22 @@ import torch
 from torch import Tensor
 
 from . import _table
-from ._engines import resolve_backend
-from .reference import GroupHyperparams, compute_dtype
+from ._engines import AUTO_ORDER, ENGINES, BackendTable
+from .layout import LR
+from .reference import GroupHyperparams, StepInputs, compute_dtype
 
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 _address_of = Tensor.data_ptr
+
+
+def _no_grad() -> None:
+    """The weak reference of an absent gradient."""
+    return None
+
+
+def _weak(t: Tensor | None):
+    return _no_grad if t is None else weakref.ref(t)
 
 
 @dataclass
@@ -64,7 +84,8 @@ class BucketPlan:
     backend: str
     engine: Any
     params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
+    # Filled for the length of a step only (the plan keeps no gradient alive between steps).
+    grads: list[Tensor] | None = field(default_factory=list)
     momentum_buffers: list[Tensor | None] = field(default_factory=list)
     momentum_steps: list[Tensor | None] = field(default_factory=list)
     hyperparam_slots: list[int] = field(default_factory=list)  # per tensor: its row
@@ -97,23 +118,22 @@ def kernel_view(t: Tensor | None) -> Tensor | None:
     return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
-def bucket_backend(optimizer: Any, param: Tensor, grad: Tensor) -> str:
+def bucket_backend(backends: BackendTable, param: Tensor, grad: Tensor) -> str:
     """The backend that runs this tensor: its (device, dtype)'s, except that under ``"auto"`` a
     layout the fused kernels cannot walk (a non-dense view) goes through the reference."""
-    backend = optimizer._backend_for(param.device, param.dtype)
-    if backend != "reference" and not fusable_layout(param, grad):
-        if optimizer.backend == "auto":
+    backend = backends.for_tensors(param.device, param.dtype)
+    if ENGINES[backend].dense_only and not fusable_layout(param, grad):
+        if backends.layout_fallback():
             return "reference"
         check_layout(param, grad)
     return backend
 
 
-def kernel_entries(optimizer: Any, groups: list[dict], buckets: dict) -> Any:
+def kernel_entries(groups: list[dict], backends: BackendTable, sharding: Any, buckets: dict) -> Any:
     """Every parameter with a gradient, in group order, as the kernels see it: yields
     ``(group index, index among all parameters, parameter, its local shard, the tensor the
     kernels update, its gradient, its bucket)``, creating the bucket in ``buckets`` (keyed by
     device, dtype and backend) on first sight. Checks layouts for the fused backends on the way."""
-    sharding = optimizer._sharding_plan()
     local = sharding is not None and sharding.has_dtensors
     flat = -1
     for gi, group in enumerate(groups):
@@ -125,12 +145,38 @@ def kernel_entries(optimizer: Any, groups: list[dict], buckets: dict) -> Any:
                 raise RuntimeError("ZenithFused does not support sparse gradients")
             shard, grad = sharding.local_param_and_grad(p) if local else (p, p.grad)
             param, grad = kernel_view(shard), kernel_view(grad)
-            backend = bucket_backend(optimizer, param, grad)
+            backend = bucket_backend(backends, param, grad)
             key = (param.device, param.dtype, backend)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, optimizer._engine(backend))
+                bucket = buckets[key] = BucketPlan(param.device, param.dtype, backend, backends.engine(backend))
             yield gi, flat, p, shard, param, grad, bucket
+
+
+def momentum_state(state: dict, p: Tensor, sharding: Any = None) -> tuple[Tensor, Tensor]:
+    """``p``'s momentum buffer and step counter in ``state`` (the optimizer's ``state[p]``),
+    created ("never filled") at its first step and converted whenever ``p``'s dtype, device or
+    layout has changed since: state follows its parameter, as in torch.optim.SGD."""
+    buf = state.get("momentum_buffer")
+    buf_step = state.get("momentum_step")
+    if buf is None:
+        state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["momentum_step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        return buf, state["momentum_step"]
+    if sharding is not None and sharding.has_dtensors:
+        sharding.check_momentum_buffer(p, buf)
+    if buf.dtype != p.dtype or buf.device != p.device or buf.shape != p.shape or (
+        buf.stride() != p.stride() and is_dense(p)
+    ):
+        # The fused kernels index parameter and buffer alike, in the parameter's dtype.
+        state["momentum_buffer"] = buf = torch.empty_like(p).copy_(buf)
+    if buf_step is None:
+        # A buffer from elsewhere (torch.optim.SGD): filled before this history began.
+        buf_step = torch.full((), -1, dtype=torch.int64, device=p.device)
+    elif buf_step.device != p.device or buf_step.dtype != torch.int64:
+        buf_step = buf_step.to(p.device, torch.int64)
+    state["momentum_step"] = buf_step
+    return buf, buf_step
 
 
 def check_hyperparams(group: dict[str, Any], *, check_tensor_values: bool = False) -> None:
@@ -195,15 +241,19 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 
 class StepPlan:
-    """What every step of one optimizer needs, for one set of tensors; see the module docstring."""
+    """What every step of one optimizer needs, for one set of tensors; see the module docstring.
 
-    def __init__(self, optimizer: Any, history_device: torch.device) -> None:
-        groups = optimizer.param_groups
-        sharding = optimizer._sharding_plan()
+    ``groups`` and ``state`` are the optimizer's ``param_groups`` and ``state``; ``backends`` its
+    backend table; ``sharding`` its :class:`~zenith_fused._distributed.ShardingPlan` (or None);
+    ``history_device`` where its history is now (the plan may choose another: ``history_device``).
+    """
+
+    def __init__(self, groups: list[dict], state: Any, backends: BackendTable, sharding: Any,
+                 history_device: torch.device) -> None:
         local = sharding is not None and sharding.has_dtensors
         self.groups = [(g, g["params"], len(g["params"])) for g in groups]
         self.all_params = [p for g in groups for p in g["params"]]
-        self.grads = list(map(_grad_of, self.all_params))
+        grads = list(map(_grad_of, self.all_params))
         # Validate everything before creating any state.
         for group in groups:
             check_hyperparams(group)
@@ -214,8 +264,8 @@ class StepPlan:
         storage = []
         self.local = local
         self.sharding = sharding
-        self.absent = [i for i, g in enumerate(self.grads) if g is None]  # parameters without one
-        for gi, flat, p, shard, param, grad, bucket in kernel_entries(optimizer, groups, buckets):
+        self.absent = [i for i, g in enumerate(grads) if g is None]  # parameters without one
+        for gi, flat, p, shard, param, grad, bucket in kernel_entries(groups, backends, sharding, buckets):
             key = (bucket.device, bucket.dtype, bucket.backend)
             if (key, gi) not in slot_of:
                 slot_of[(key, gi)] = len(bucket.group_indices)
@@ -231,7 +281,7 @@ class StepPlan:
             bucket.has_complex = bucket.has_complex or p.is_complex()
             storage.append(shard)
         # Every check has passed: create or convert the momentum state now.
-        self._fill_momentum_state(optimizer, buckets, local, sharding)
+        self._fill_momentum_state(groups, state, buckets, local, sharding)
         self.storage = storage
         self.addresses = list(map(_address_of, storage))
         self.buckets = list(buckets.values())
@@ -244,16 +294,18 @@ class StepPlan:
         if history_buckets:
             self.history_engine = history_buckets[0].engine
         else:
-            self.history_engine = optimizer._engine(resolve_backend("auto", self.history_device))
+            self.history_engine = backends.engine(_history_backend(self.history_device))
+        self.grad_refs = list(map(_weak, grads))
+        # Buckets whose engine reads the gradients themselves, not the tables' addresses.
+        self.untabled = [b for b in self.buckets if b.table is None]
 
     # ------------------------------------------------------------------ building
-    def _fill_momentum_state(self, optimizer, buckets, local, sharding) -> None:
-        groups = optimizer.param_groups
+    def _fill_momentum_state(self, groups, state, buckets, local, sharding) -> None:
         for bucket in buckets.values():
             for i, p in enumerate(bucket.owners):
                 if groups[bucket.group_indices[bucket.hyperparam_slots[i]]]["momentum"] == 0:
                     continue
-                buf, buf_step = optimizer._momentum_state(p)
+                buf, buf_step = momentum_state(state[p], p, sharding)
                 bucket.momentum_buffers[i] = kernel_view(sharding.local(buf) if local else buf)
                 bucket.momentum_steps[i] = buf_step
 
@@ -281,7 +333,7 @@ class StepPlan:
             }
             bucket.hyperparams, bucket.lr_ptrs = _table.hyperparam_table(rows, dtype, bucket.device, readable)
             bucket.lr_copies = [
-                (bucket.hyperparams[slot, _table.LR], hp.lr) for slot, hp in enumerate(bucket.group_hyperparams)
+                (bucket.hyperparams[slot, LR], hp.lr) for slot, hp in enumerate(bucket.group_hyperparams)
                 if isinstance(hp.lr, Tensor) and slot not in readable
             ]
         elif bucket.device.type == "cpu":
@@ -316,12 +368,11 @@ class StepPlan:
             self.views = {self.history_device: StepView.of(history, self.history_device)}
 
     # ------------------------------------------------------------------ every step
-    def holds(self, optimizer: Any) -> bool:
+    def holds(self, groups: list[dict]) -> bool:
         """Whether this plan still describes the optimizer's tensors: one identity comparison per
         gradient, one address comparison per parameter, a length check per group. Gradients that
         are new tensors of the same sizes and layouts (``zero_grad(set_to_none=True)`` then
         backward) are taken in place: the tables get their new addresses, nothing is rebuilt."""
-        groups = optimizer.param_groups
         if len(groups) != len(self.groups):
             return False
         for group, (cached, params, n) in zip(groups, self.groups):
@@ -330,9 +381,22 @@ class StepPlan:
         if list(map(_address_of, self.storage)) != self.addresses:
             return False
         grads = list(map(_grad_of, self.all_params))
-        if all(map(operator.is_, grads, self.grads)):
+        if all(map(operator.is_, grads, [ref() for ref in self.grad_refs])):
+            for bucket in self.untabled:
+                bucket.grads = self._bucket_grads(bucket, grads)
             return True
         return self._take_new_grads(grads)
+
+    def _bucket_grads(self, bucket: BucketPlan, grads: list) -> list[Tensor]:
+        """The tensors ``bucket``'s kernels read as its gradients."""
+        new = [grads[i] for i in bucket.flat_indices]
+        if self.local:
+            # DTensor gradients (FSDP2 makes new ones at every step): their local shards, after
+            # the same placement check a rebuild makes.
+            new = [self.sharding.local_param_and_grad(self.all_params[i])[1] for i in bucket.flat_indices]
+        if bucket.has_complex:
+            new = [kernel_view(g) for g in new]
+        return new
 
     def _take_new_grads(self, grads: list) -> bool:
         """Swap in replaced gradients; False (rebuild) when any appeared, disappeared, or cannot be
@@ -342,27 +406,29 @@ class StepPlan:
                 return False
         elif any(map(operator.is_, grads, repeat(None))):
             return False
+        replaced = []
         for bucket in self.buckets:
-            new = [grads[i] for i in bucket.flat_indices]
-            if any(map(_is_sparse, new)):
+            if any(map(_is_sparse, (grads[i] for i in bucket.flat_indices))):
                 return False
-            if self.local:
-                # DTensor gradients (FSDP2 makes new ones at every step): their local shards, after
-                # the same placement check a rebuild makes.
-                new = [self.sharding.local_param_and_grad(self.all_params[i])[1] for i in bucket.flat_indices]
-            if bucket.has_complex:
-                new = [kernel_view(g) for g in new]
+            new = self._bucket_grads(bucket, grads)
             # Contiguous parameters take contiguous gradients (the common case, one cheap call
             # each); otherwise the fused kernels need the parameter's own strides.
-            if bucket.backend != "reference" and not (
+            if ENGINES[bucket.backend].dense_only and not (
                 bucket.params_contiguous and all(map(Tensor.is_contiguous, new))
             ) and not all(map(fusable_layout, bucket.params, new)):
                 return False
+            replaced.append((bucket, new))
+        for bucket, new in replaced:
             bucket.grads = new
             if bucket.table is not None:
                 bucket.table.set_grads(new)
-        self.grads = grads
+        self.grad_refs = list(map(_weak, grads))
         return True
+
+    def release_grads(self) -> None:
+        """Drop the buckets' gradients at the end of a step (weak references stay)."""
+        for bucket in self.buckets:
+            bucket.grads = None
 
     def refresh_hyperparams(self, groups: list[dict]) -> bool:
         """Bring the hyper-parameter tables up to date; False when the plan must be rebuilt.
@@ -391,6 +457,40 @@ class StepPlan:
     def views_on_devices(self, history) -> dict[torch.device, StepView]:
         """The views of every bucket's device, made at each step when the buckets span devices."""
         return {device: StepView.of(history, device) for device in {b.device for b in self.buckets}}
+
+
+def run_step(plan: StepPlan, history: Any, inputs: StepInputs, sharding: Any, groups: list[dict]) -> None:
+    """One ZENITH step over a plan that holds: three engine calls per bucket. The eager step and
+    the traced step's custom op both run exactly this."""
+    try:
+        for bucket in plan.buckets:
+            bucket.engine.sq_norm_partials(bucket)
+            if bucket.partials_destination is not None:
+                bucket.partials_destination.copy_(bucket.partials, non_blocking=True)
+        sq_norm_partials = plan.partials
+        if sharding is not None:
+            # Sum the shards' squares across ranks, on the device, before the history sees them.
+            sq_norm_partials = sharding.reduce_sq_norm(sq_norm_partials, groups, plan.history_device)
+        plan.history_engine.update_history(sq_norm_partials, plan.history_tensors, inputs)
+
+        views = plan.views
+        if views is None:
+            views = plan.views_on_devices(history)
+        for bucket in plan.buckets:
+            for cell, lr in bucket.lr_copies:
+                cell.copy_(lr.reshape(()), non_blocking=True)
+            bucket.engine.momentum_update(bucket, views[bucket.device])
+    finally:
+        plan.release_grads()
+
+
+def _history_backend(device: torch.device) -> str:
+    """The engine that folds the history when no bucket lives on its device (a rank without local
+    gradients): the first fused one that runs there, else the reference."""
+    for name in AUTO_ORDER.get(device.type, ()):
+        if ENGINES[name].cannot_run(device, torch.float32) is None:
+            return name
+    return "reference"
 
 
 def _history_device(buckets: list[BucketPlan], current: torch.device) -> torch.device:

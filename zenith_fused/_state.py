@@ -1,15 +1,23 @@
 """The ``"zenith"`` entry of a state dict: the optimizer-wide history, saved as float32/int64.
 
-A checkpoint is input: every field is checked before anything is loaded, so that a corrupt or
-hand-edited entry raises ``ValueError`` naming the field instead of driving a kernel out of bounds.
+``history_entry`` writes it, ``check_zenith_entry`` validates it and ``load_history`` copies it into
+a live history. A checkpoint is input: every field is checked before anything is loaded, so that a
+corrupt or hand-edited entry raises ``ValueError`` naming the field instead of driving a kernel out
+of bounds. ``{"version": 1, "window_size": W, "warmup_steps": K, "step": int64, "norm_window":
+float32[W], "window_max": float32, "skipped_steps": int64, "grad_norm": float32, "lr_scale":
+float32}``; an entry written before ``warmup_steps`` existed has no such key and means ``K = 0``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import weakref
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
+
+from .reference import ZenithHistory
 
 STATE_VERSION = 1
 # The history fields a checkpoint holds (the other two of reference.HISTORY_FIELDS are transient).
@@ -30,7 +38,47 @@ def _number(zenith: dict[str, Any], name: str) -> float:
     return value
 
 
-def check_zenith_entry(zenith: dict[str, Any], window_size: int) -> None:
+def history_entry(history: ZenithHistory, window_size: int, warmup_steps: int) -> dict[str, Any]:
+    """The ``"zenith"`` entry of ``history`` (copies of its tensors)."""
+    entry: dict[str, Any] = {"version": STATE_VERSION, "window_size": window_size, "warmup_steps": warmup_steps}
+    for name in SAVED_HISTORY_FIELDS:
+        entry[name] = getattr(history, name).clone()
+    return entry
+
+
+def load_history(history: ZenithHistory, zenith: dict[str, Any] | None) -> None:
+    """Set ``history`` in place from a checked ``"zenith"`` entry, or to a fresh one for None
+    (its window length and warmup stay as they are)."""
+    fresh = ZenithHistory.zeros(history.window_size, history.device)
+    for name in SAVED_HISTORY_FIELDS:
+        target = getattr(fresh, name)
+        if zenith is not None:
+            target.copy_(zenith[name])
+        getattr(history, name).copy_(target)
+    history.step_applied.zero_()
+
+
+# Optimizers whose history is being loaded by set_optimizer_state_dict, after torch's helper loads
+# their per-parameter state: their momentum step counters stay as saved. Held weakly.
+_HISTORY_FOLLOWS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def history_follows(optimizer: Any) -> Iterator[None]:
+    """While inside, ``optimizer.load_state_dict`` of a dict without ``"zenith"`` keeps the momentum
+    step counters as saved: the history arrives right after."""
+    _HISTORY_FOLLOWS.add(optimizer)
+    try:
+        yield
+    finally:
+        _HISTORY_FOLLOWS.discard(optimizer)
+
+
+def history_is_following(optimizer: Any) -> bool:
+    return optimizer in _HISTORY_FOLLOWS
+
+
+def check_zenith_entry(zenith: dict[str, Any], window_size: int, warmup_steps: int) -> None:
     version = zenith.get("version")
     if version != STATE_VERSION:
         raise ValueError(f"Unsupported ZenithFused state_dict version: {version}")
@@ -38,6 +86,11 @@ def check_zenith_entry(zenith: dict[str, Any], window_size: int) -> None:
     if saved_window != window_size:
         raise ValueError(
             f"loaded state dict has window_size {saved_window}, this optimizer has {window_size}"
+        )
+    saved_warmup = zenith.get("warmup_steps", 0)  # entries written before the option: K = 0
+    if saved_warmup != warmup_steps:
+        raise ValueError(
+            f"loaded state dict has warmup_steps {saved_warmup}, this optimizer has {warmup_steps}"
         )
     missing = [name for name in SAVED_HISTORY_FIELDS if name not in zenith]
     if missing:

@@ -1,29 +1,28 @@
 """The tables one kernel launch walks: every fused backend (Triton, CUDA C++, CPU C++) reads these.
 
 Built on the host by the step plan when the tensors change, copied once to the bucket's device, and
-reused by every step while the tensors stay where they are:
+reused by every step while the tensors stay where they are. Their columns are defined in
+:mod:`zenith_fused.layout` (the public contract the kernels read):
 
 * ``tensors`` int64 ``[N, TENSOR_COLUMNS]``: per tensor, the addresses of the parameter, the
-  gradient, the momentum buffer and the momentum step counter, its element count, and the row of
-  its parameter group in the hyper-parameter table.
-* ``chunks`` int64 ``[C, 2]``: per program (CUDA block, CPU work item), the tensor it works on
-  and the first element of its chunk. Each tensor is cut into ``max(1, ceil(numel / chunk_size))``
-  chunks: an empty tensor still gets one (empty) chunk, so that its momentum step is recorded.
-  The squared-norm partial of chunk ``c`` goes to slot ``c``.
-* ``hyperparams`` float32 ``[G, HYPERPARAM_COLUMNS]``: per parameter group, (lr, momentum,
-  1 - dampening, weight_decay, nesterov, maximize).
-* ``lr_ptrs`` int64 ``[G]``: per group, the address of the float32 scalar the kernels read as the
-  group's ``lr``: its own ``hyperparams[g, LR]`` for a float lr (rewritten by an asynchronous copy
-  when a scheduler changes it), or the user's float32 tensor ``lr`` itself, which the kernels read
-  at every step with no host work at all.
+  gradient, the momentum buffer and the momentum step counter, its element count, the row of its
+  parameter group in the hyper-parameter table, and whether all three of its streams start on a
+  ``VECTOR_ALIGNMENT`` boundary (decided per tensor: one misaligned view does not make the rest
+  of its bucket take the scalar path).
+* ``chunks`` int64 ``[C, CHUNK_COLUMNS]``: per program (CUDA block, CPU work item), the tensor it
+  works on and the first element of its chunk. Each tensor is cut into
+  ``max(1, ceil(numel / chunk_size))`` chunks: an empty tensor still gets one (empty) chunk, so
+  that its momentum step is recorded. The squared-norm partial of chunk ``c`` goes to slot ``c``.
+* ``hyperparams`` ``[G, HYPERPARAM_COLUMNS]`` in the compute dtype: per parameter group, (lr,
+  momentum, 1 - dampening, weight_decay, nesterov, maximize).
+* ``lr_ptrs`` int64 ``[G]``: per group, the address of the scalar the kernels read as the group's
+  ``lr``: its own ``hyperparams[g, LR]`` for a float lr (rewritten by an asynchronous copy when a
+  scheduler changes it), or the user's tensor ``lr`` itself, which the kernels read at every step
+  with no host work at all.
 
 A tensor without a momentum buffer gets its own parameter as a stand-in buffer address and a
 placeholder step counter: kernels never touch either (its group's momentum is 0), but every
 address in the table stays valid.
-
-The column numbers are plain ints here (no Triton import: the CPU backend needs none);
-``zenith_fused.triton_kernels.table`` re-exports them as ``tl.constexpr`` and ``csrc/common.h``
-repeats them for C++.
 """
 from __future__ import annotations
 
@@ -34,15 +33,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-# Columns of ``tensors``.
-PARAM, GRAD, MOMENTUM_BUFFER, MOMENTUM_STEP, NUMEL, HYPERPARAM_SLOT = range(6)
-TENSOR_COLUMNS = 6
-# Columns of ``hyperparams``.
-LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = range(6)
-HYPERPARAM_COLUMNS = 6
-# Every fused kernel's vector loads need this alignment of each tensor's start; chunk sizes are
-# multiples of 16 elements, so every chunk then starts aligned too.
-VECTOR_ALIGNMENT = 16
+from .layout import ALIGNED, CHUNK_COLUMNS, GRAD, HYPERPARAM_COLUMNS, LR, TENSOR_COLUMNS, VECTOR_ALIGNMENT
 
 
 @dataclass
@@ -50,27 +41,43 @@ class TensorTable:
     """The tables of one (device, dtype) bucket, on the bucket's device."""
 
     tensors: Tensor  # int64 [N, TENSOR_COLUMNS]
-    chunks: Tensor  # int64 [C, 2]
+    chunks: Tensor  # int64 [C, CHUNK_COLUMNS]
     num_tensors: int
     num_chunks: int
     chunk_size: int
-    # Every parameter, gradient and momentum buffer starts on a VECTOR_ALIGNMENT-byte boundary:
-    # the kernels may then use their unmasked, vectorized main loop.
-    aligned: bool
     has_momentum: bool  # some tensor has a momentum buffer
-    host_tensors: Tensor | None = None  # the host copy of ``tensors``, for patching addresses
+    host_tensors: Tensor  # the host copy of ``tensors``, for patching addresses
     # The stand-in step counter whose address the table holds for tensors without a buffer: kept
     # alive as long as the table is.
     placeholder_step: Tensor | None = None
-    others_aligned: bool = True  # every parameter and momentum buffer is aligned
+    # Per tensor: its parameter and momentum buffer are aligned (the gradient's part of the
+    # ALIGNED column is re-decided when gradients are replaced).
+    others_aligned: list[bool] | None = None
+    aligned_flags: list[bool] | None = None  # the ALIGNED column, as Python bools
+
+    @property
+    def aligned(self) -> bool:
+        """Every tensor of the table takes the 128-bit path."""
+        return all(self.aligned_flags)
+
+    @property
+    def any_aligned(self) -> bool:
+        """Some tensor takes the 128-bit path (the kernels compile that path only then)."""
+        return self._any_aligned
+
+    def __post_init__(self) -> None:
+        self._any_aligned = any(self.aligned_flags)
 
     def set_grads(self, grads: Sequence[Tensor]) -> None:
         """Point the table at new gradient tensors of the same sizes (after
-        ``zero_grad(set_to_none=True)`` and backward): one small copy, no rebuild."""
+        ``zero_grad(set_to_none=True)`` and backward): one small copy, no rebuild. Not for a
+        CUDA-graph capture (a host-to-device copy): captured steps keep static gradients."""
         host = self.host_tensors
         addresses = list(map(Tensor.data_ptr, grads))
         host[:, GRAD] = torch.tensor(addresses, dtype=torch.int64)
-        self.aligned = self.others_aligned and not any(a % VECTOR_ALIGNMENT for a in addresses)
+        self.aligned_flags = [o and a % VECTOR_ALIGNMENT == 0 for o, a in zip(self.others_aligned, addresses)]
+        self._any_aligned = any(self.aligned_flags)
+        host[:, ALIGNED] = torch.tensor(self.aligned_flags, dtype=torch.int64)
         if self.tensors is not host:
             self.tensors.copy_(host.pin_memory(), non_blocking=True)
 
@@ -99,12 +106,14 @@ def build_tensor_table(
     device = placeholder_step.device
     rows = []
     chunk_rows = []
-    aligned = others_aligned = True
+    others_aligned = []
     for index, (p, g, buf, buf_step, slot) in enumerate(
         zip(params, grads, momentum_buffers, momentum_steps, hyperparam_slots)
     ):
         numel = p.numel()
         buf_ptr = p.data_ptr() if buf is None else buf.data_ptr()
+        others = (p.data_ptr() | buf_ptr) % VECTOR_ALIGNMENT == 0
+        others_aligned.append(others)
         rows.append((
             p.data_ptr(),
             g.data_ptr(),
@@ -112,22 +121,21 @@ def build_tensor_table(
             placeholder_step.data_ptr() if buf_step is None else buf_step.data_ptr(),
             numel,
             slot,
+            int(others and g.data_ptr() % VECTOR_ALIGNMENT == 0),
         ))
-        others_aligned = others_aligned and (p.data_ptr() | buf_ptr) % VECTOR_ALIGNMENT == 0
-        aligned = aligned and others_aligned and g.data_ptr() % VECTOR_ALIGNMENT == 0
         chunk_rows.extend((index, start) for start in range(0, max(numel, 1), chunk_size))
     host_tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, TENSOR_COLUMNS)
-    host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2)
+    host_chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, CHUNK_COLUMNS)
     return TensorTable(
         tensors=upload(host_tensors, device),
         chunks=upload(host_chunks, device),
         num_tensors=len(rows),
         num_chunks=len(chunk_rows),
         chunk_size=chunk_size,
-        aligned=aligned,
         has_momentum=any(b is not None for b in momentum_buffers),
         host_tensors=host_tensors,
         others_aligned=others_aligned,
+        aligned_flags=[bool(r[ALIGNED]) for r in rows],
         placeholder_step=placeholder_step,
     )
 

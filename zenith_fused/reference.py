@@ -3,12 +3,20 @@
 One history per optimizer, shared by all parameter groups. At every ``step()``:
 
 1. ``n_t = ||g||_2`` over the concatenation of every raw gradient (before weight decay and before
-   ``maximize`` flips the sign), accumulated in float32.
+   ``maximize`` flips the sign): squares accumulated in float32 (float64 for float64 gradients)
+   per tensor or chunk, those partials summed in float64, rounded once to float32
+   (:mod:`zenith_fused.layout` states this rule for every backend).
 2. If ``n_t`` is not finite the step is skipped: no parameter, momentum buffer, step count, window
    or maximum changes, and ``skipped_steps`` grows by one.
-3. Otherwise ``t += 1``; ``n_t`` goes into a ring buffer of the last ``W`` norms;
-   ``m_t`` = mean of the last ``min(t, W)`` norms; ``M_t = max(M_{t-1}, m_t)`` with ``M_0 = 0``;
-   ``scale_t = m_t / M_t`` (1 when ``M_t == 0``).
+3. Otherwise ``t += 1``. With ``K = warmup_steps`` (0 by default):
+
+   * ``t <= K`` (warmup): ``scale_t = t / K``; ``n_t`` is not recorded, so the window and the
+     maximum stay empty.
+   * ``t > K``: with ``u = t - K``, ``n_t`` goes into a ring buffer of the last ``W`` norms (slot
+     ``(u - 1) mod W``); ``m_t`` = mean of the last ``min(u, W)`` norms (summed in float64);
+     ``M_t = max(M_{t-1}, m_t)`` with ``M_K = 0``; ``scale_t = m_t / M_t`` (1 when ``M_t == 0``).
+
+   With ``K = 0`` this is the paper's rule.
 4. Per group, torch.optim.SGD's momentum update with learning rate ``lr * scale_t``::
 
        d   = (-g if maximize else g) + weight_decay * p
@@ -22,9 +30,10 @@ host branch, so the reference is also a usable (if slow) sync-free fallback.
 
 State layout shared by every backend (see :class:`ZenithHistory`):
 
-* history: ``step`` (int64), ``norm_window`` (float32, ``W``), ``window_max`` (float32),
-  ``skipped_steps`` (int64), ``grad_norm`` (float32), ``lr_scale`` (float32), and the transient
-  ``step_applied`` (int32, 1 when the last step was finite).
+* history (:data:`zenith_fused.layout.HISTORY_FIELDS` order): ``step`` (int64), ``norm_window``
+  (float32, ``W``), ``window_max`` (float32), ``skipped_steps`` (int64), ``grad_norm`` (float32),
+  ``lr_scale`` (float32), the transient ``step_applied`` (int32, 1 when the last step was finite)
+  and ``grad_multiplier`` (float32), and the constant ``warmup_steps`` (int64, ``K``).
 Arithmetic is float32 for float32, float16 and bfloat16 tensors and float64 for float64 tensors
 (:func:`compute_dtype`); every kernel follows the same rule.
 
@@ -42,6 +51,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .layout import HISTORY_FIELDS
+
 __all__ = [
     "HISTORY_FIELDS",
     "ZenithHistory",
@@ -54,11 +65,6 @@ __all__ = [
 ]
 
 
-# The history tensors in the one order every backend's history kernel takes them (the Triton
-# launcher, both C++ bindings and their op schema receive them as one list in this order).
-HISTORY_FIELDS = (
-    "step", "norm_window", "window_max", "skipped_steps", "grad_norm", "lr_scale", "step_applied", "grad_multiplier",
-)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,9 +85,10 @@ class ZenithHistory:
     lr_scale: Tensor  # float32 0-dim: scale_t of the last finite step, 1 before any
     step_applied: Tensor  # int32 0-dim: 1 if the last step was finite, else 0
     grad_multiplier: Tensor  # float32 0-dim: what the update multiplies raw gradients by
+    warmup_steps: Tensor  # int64 0-dim: K, the steps of linear warmup before the rule starts
 
     @classmethod
-    def zeros(cls, window_size: int, device: torch.device) -> "ZenithHistory":
+    def zeros(cls, window_size: int, device: torch.device, warmup_steps: int = 0) -> "ZenithHistory":
         return cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             norm_window=torch.zeros(window_size, dtype=torch.float32, device=device),
@@ -91,6 +98,7 @@ class ZenithHistory:
             lr_scale=torch.ones((), dtype=torch.float32, device=device),
             step_applied=torch.zeros((), dtype=torch.int32, device=device),
             grad_multiplier=torch.ones((), dtype=torch.float32, device=device),
+            warmup_steps=torch.full((), warmup_steps, dtype=torch.int64, device=device),
         )
 
     def kernel_tensors(self) -> list[Tensor]:
@@ -151,13 +159,19 @@ def squared_norm_partials(grads: Sequence[Tensor]) -> Tensor:
     ])
 
 
+def _sum_as_float32(values: Tensor) -> Tensor:
+    """``values`` summed in float64 and rounded once to float32 (:mod:`zenith_fused.layout`)."""
+    wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
+    return values.to(wide).sum().to(torch.float32)
+
+
 def update_history(history: ZenithHistory, sq_norm_partials: Tensor, inputs: StepInputs = StepInputs()) -> None:
     """Steps 1-3 of the algorithm: fold this step's norm into the history, in place.
 
     Also sets ``grad_multiplier``, the factor the update applies to the raw gradients:
     ``1 / grad_scale`` (unscaling) times the clipping coefficient.
     """
-    raw_norm = sq_norm_partials.to(torch.float32).sum().sqrt()
+    raw_norm = _sum_as_float32(sq_norm_partials).sqrt()
     inv_scale = torch.ones((), dtype=torch.float32, device=raw_norm.device)
     if inputs.grad_scale is not None:
         inv_scale = inputs.grad_scale.to(torch.float32).reciprocal()
@@ -166,23 +180,30 @@ def update_history(history: ZenithHistory, sq_norm_partials: Tensor, inputs: Ste
     if inputs.found_inf is not None:
         finite = finite & (inputs.found_inf == 0)
     window_size = history.window_size
+    warmup = history.warmup_steps
 
-    slot = (history.step % window_size).reshape(1)  # a tensor index: no host read
     new_step = history.step + finite.to(torch.int64)
+    # Steps after the warmup count from it: u = t - K. With K = 0 every finite step records.
+    past_warmup = new_step > warmup
+    record = finite & past_warmup
+    slot = ((history.step - warmup) % window_size).reshape(1)  # a tensor index: no host read
     old_norm = history.norm_window.gather(0, slot)
-    history.norm_window.scatter_(0, slot, torch.where(finite, grad_norm, old_norm))
-    # Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(t, W).
-    count = new_step.clamp(min=1, max=window_size).to(torch.float32)
-    mean = history.norm_window.sum() / count
+    history.norm_window.scatter_(0, slot, torch.where(record, grad_norm, old_norm))
+    # Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(u, W).
+    count = (new_step - warmup).clamp(min=1, max=window_size).to(torch.float32)
+    mean = _sum_as_float32(history.norm_window) / count
     new_max = torch.maximum(history.window_max, mean)
     scale = torch.where(new_max > 0, mean / new_max, torch.ones_like(mean))
+    # During the warmup: t / K (K > 0 there, so the division is only taken when it is defined).
+    warmup_scale = new_step.to(torch.float32) / warmup.clamp(min=1).to(torch.float32)
+    scale = torch.where(past_warmup, scale, warmup_scale)
     multiplier = inv_scale
     if inputs.max_grad_norm is not None:
         multiplier = multiplier * (inputs.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
 
     history.grad_norm.copy_(grad_norm)
     history.step.copy_(new_step)
-    history.window_max.copy_(torch.where(finite, new_max, history.window_max))
+    history.window_max.copy_(torch.where(record, new_max, history.window_max))
     history.lr_scale.copy_(torch.where(finite, scale, history.lr_scale))
     history.skipped_steps.add_((~finite).to(torch.int64))
     history.step_applied.copy_(finite.to(torch.int32))

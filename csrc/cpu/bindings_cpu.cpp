@@ -62,8 +62,8 @@ void sq_norm_partials(const at::Tensor& tensors, const at::Tensor& chunks, at::S
 }
 
 // Steps 2-3 of the reference (update_history): a handful of scalars, so plain C++. Sums run in
-// double in index order: deterministic, and closer to the exact sum than either float order.
-// Everything else is the reference's float32 operations, in its order.
+// double in index order and are rounded once to float (zenith_fused/layout.py: every backend's
+// rule). Everything else is the reference's float32 operations, in its order.
 void update_history(const at::Tensor& sq_norm_partials, at::TensorList history,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     std::optional<double> max_grad_norm) {
@@ -79,19 +79,27 @@ void update_history(const at::Tensor& sq_norm_partials, at::TensorList history,
   const bool finite = std::isfinite(norm) && (!found_inf.has_value() || *found_inf->const_data_ptr<float>() == 0.0f);
 
   int64_t& t = *h.step.mutable_data_ptr<int64_t>();
+  const int64_t warmup = *h.warmup_steps.const_data_ptr<int64_t>();
   float* window = h.norm_window.mutable_data_ptr<float>();
   if (finite) {
-    window[window_slot(t, h.window_size)] = norm;
-    t = next_step(t);
-    // Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(t, W).
-    double window_sum = 0.0;
-    for (int64_t i = 0; i < h.window_size; ++i) {
-      window_sum += window[i];
+    const int64_t new_step = next_step(t);
+    if (new_step <= warmup) {
+      // Linear warmup: t / K, and the window and the maximum stay empty.
+      *h.lr_scale.mutable_data_ptr<float>() = static_cast<float>(new_step) / static_cast<float>(warmup);
+    } else {
+      window[window_slot(t - warmup, h.window_size)] = norm;
+      // Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(u, W).
+      double window_sum = 0.0;
+      for (int64_t i = 0; i < h.window_size; ++i) {
+        window_sum += window[i];
+      }
+      const float mean =
+          static_cast<float>(window_sum) / static_cast<float>(window_count(new_step - warmup, h.window_size));
+      float& maximum = *h.window_max.mutable_data_ptr<float>();
+      maximum = std::max(maximum, mean);
+      *h.lr_scale.mutable_data_ptr<float>() = maximum > 0.0f ? mean / maximum : 1.0f;
     }
-    const float mean = static_cast<float>(window_sum) / static_cast<float>(window_count(t, h.window_size));
-    float& maximum = *h.window_max.mutable_data_ptr<float>();
-    maximum = std::max(maximum, mean);
-    *h.lr_scale.mutable_data_ptr<float>() = maximum > 0.0f ? mean / maximum : 1.0f;
+    t = new_step;
   } else {
     *h.skipped_steps.mutable_data_ptr<int64_t>() += 1;
   }

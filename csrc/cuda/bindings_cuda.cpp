@@ -39,7 +39,7 @@ void update_history(const at::Tensor& sq_norm_partials, at::TensorList history,
       h.window_size,                            h.window_max.mutable_data_ptr<float>(),
       h.skipped_steps.mutable_data_ptr<int64_t>(), h.grad_norm.mutable_data_ptr<float>(),
       h.lr_scale.mutable_data_ptr<float>(),     h.step_applied.mutable_data_ptr<int32_t>(),
-      h.grad_multiplier.mutable_data_ptr<float>(),
+      h.grad_multiplier.mutable_data_ptr<float>(), h.warmup_steps.const_data_ptr<int64_t>(),
   };
   C10_CUDA_CHECK(launch_update_history(
       sq_norm_partials.const_data_ptr<float>(), sq_norm_partials.numel(), pointers,

@@ -10,7 +10,8 @@
 // into the chunk's fixed slot; the history kernel then sums the slots in a fixed order. No
 // atomics, so the norm has the same bits on every run.
 // update_history (steps 2-3): n = sqrt(sum(partials)) / grad_scale; if n is finite and
-// found_inf == 0: window[t mod W] = n, t += 1, m = sum(window) / min(t, W), M = max(M, m),
+// found_inf == 0: t += 1, and with K = warmup_steps: scale = t / K while t <= K (nothing
+// recorded), else window[(t - 1 - K) mod W] = n, m = sum(window) / min(t - K, W), M = max(M, m),
 // scale = m / M (1 when M == 0); else skipped_steps += 1. grad_multiplier = (1 / grad_scale) *
 // min(1, max_grad_norm / (n + 1e-6)). One block; the host never reads any of it.
 // momentum_update (step 4), per element in Acc:
@@ -237,25 +238,31 @@ __global__ void __launch_bounds__(kHistoryThreads)
   const bool finite = isfinite(norm) && (found_inf == nullptr || *found_inf == 0.0f);
 
   const int64_t t = *h.step;
-  const int64_t slot = window_slot(t, h.window_size);
+  const int64_t warmup = *h.warmup_steps;
+  const int64_t slot = window_slot(t - warmup, h.window_size);
   const int64_t new_step = finite ? next_step(t) : t;
+  const bool record = finite && new_step > warmup;
   // The new norm joins the window sum from a register, so no thread reads the slot after
-  // thread 0 writes it. Unused slots hold 0: the sum over the ring is the last min(t, W).
+  // thread 0 writes it. Unused slots hold 0: the sum over the ring is the last min(u, W).
   double window_acc = 0.0;
   for (int64_t i = threadIdx.x; i < h.window_size; i += kHistoryThreads) {
-    window_acc += (finite && i == slot) ? norm : h.norm_window[i];
+    window_acc += (record && i == slot) ? norm : h.norm_window[i];
   }
   const double window_sum = block_sum<double, kHistoryThreads>(window_acc, shared);
 
   if (threadIdx.x == 0) {
-    if (finite) {
-      const float count = static_cast<float>(window_count(new_step, h.window_size));
+    if (record) {
+      const float count = static_cast<float>(window_count(new_step - warmup, h.window_size));
       const float mean = __fdiv_rn(__double2float_rn(window_sum), count);
       const float maximum = fmaxf(*h.window_max, mean);
       h.norm_window[slot] = norm;
       *h.step = new_step;
       *h.window_max = maximum;
       *h.lr_scale = maximum > 0.0f ? __fdiv_rn(mean, maximum) : 1.0f;
+    } else if (finite) {
+      // Linear warmup: t / K; the window and the maximum stay empty.
+      *h.step = new_step;
+      *h.lr_scale = __fdiv_rn(static_cast<float>(new_step), static_cast<float>(warmup));
     } else {
       *h.skipped_steps += 1;
     }

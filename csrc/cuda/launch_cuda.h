@@ -32,9 +32,11 @@ struct HistoryPointers {
   float* lr_scale;
   int32_t* step_applied;
   float* grad_multiplier;
+  const int64_t* warmup_steps;
 };
 
-// Steps 2-3 of zenith_fused/reference.py in one single-block kernel; sums in double, fixed order.
+// Steps 2-3 of zenith_fused/reference.py in one single-block kernel; sums in double, fixed order,
+// rounded once to float (zenith_fused/layout.py).
 // grad_scale and found_inf may be null (no GradScaler); clipping is on when has_max_grad_norm.
 cudaError_t launch_update_history(const float* partials, int64_t num_partials, HistoryPointers history,
                                   const float* grad_scale, const float* found_inf, bool has_max_grad_norm,
