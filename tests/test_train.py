@@ -1,6 +1,7 @@
 """The training command ``python -m zenith_fused.train``: every mode trains, logs and writes its outputs."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -53,7 +54,7 @@ def quick_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """``--dataset stdlib-text --quick``: the transformer on this interpreter's standard library."""
-    return _run(tmp_path_factory, "text", ["--dataset", "stdlib-text", "--quick", "--threads", "1"])
+    return _run(tmp_path_factory, "text", ["--dataset", "stdlib-text", "--quick"])
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_train_runs_without_the_lr_free_extra_and_says_it_skipped(tmp_path, monk
     main(["--quick", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert list(results["runs"]) == list(methods.BASE_METHODS)
-    assert "pip install 'zenith-fused[train-extra]'" in results["skipped_methods"]["lr-free"]
+    assert "(pip install prodigyopt)" in results["skipped_methods"]["lr-free"]
     assert "skipped lr-free: neither prodigyopt nor dadaptation is installed" in capsys.readouterr().err
 
 
@@ -203,8 +204,8 @@ def test_the_optimizer_package_imports_nothing_of_the_training_command():
 def test_command_without_the_train_extra_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(["--quick"]) == 2
-    assert "zenith-train needs matplotlib, which the [train] extra installs: pip install 'zenith-fused[train]'" \
-        in capsys.readouterr().err
+    assert ("zenith-train needs matplotlib, which the [train] extra installs: pip install matplotlib (from a clone "
+            "of the repository: pip install -e '.[train]')") in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- sweeps
@@ -477,16 +478,26 @@ def test_text_corpus_messages(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--dataset", "mnist"], "--dataset mnist needs --data-dir"),
-    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["--lr", "-1"], "argument --lr: expected a finite number > 0, got '-1'"),
+    (["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    (["--lr", "fast"], "argument --lr: expected a finite number > 0, got 'fast'"),
+    (["--adamw-lr", "0"], "argument --adamw-lr: expected a finite number > 0, got '0'"),
+    (["--window-size", "0"], "argument --window-size: expected an integer >= 1, got '0'"),
+    (["--window-size", "1.5"], "argument --window-size: expected an integer >= 1, got '1.5'"),
+    (["--weight-decay", "-0.5"], "argument --weight-decay: expected a finite number >= 0, got '-0.5'"),
+    (["--weight-decay=-1e-4"], "argument --weight-decay: expected a finite number >= 0, got '-1e-4'"),
     (["--backend", "nope", "--device", "cpu"], "--backend nope on cpu: Invalid backend: 'nope'"),
     (["--methods", "prodigy"], "--methods prodigy: not installed"),
     (["--dataset", "stdlib-text", "--epochs", "3"], "stdlib-text runs --steps"),
     (["--steps", "3"], "--steps is for stdlib-text; --dataset digits runs --epochs"),
-    (["--dataset", "stdlib-text", "--steps", "0"], "--steps must be at least 1, got 0"),
-    (["--lr-sweep", "0.1", "0"], "--lr-sweep values must be positive, got 0.0"),
-    (["--window-sweep", "-5"], "--window-sweep values must be positive, got -5"),
+    (["--dataset", "stdlib-text", "--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--lr-sweep", "0.1", "0"], "argument --lr-sweep: expected a finite number > 0, got '0'"),
+    (["--window-sweep", "-5"], "argument --window-sweep: expected an integer >= 1, got '-5'"),
     (["--lr-sweep", "0.1", "--window-sweep", "10"], "argument --window-sweep: not allowed with argument --lr-sweep"),
     (["--dataset", "stdlib-text", "--data-dir", "/nonexistent-zenith"],
      "--dataset stdlib-text: text corpus folder /nonexistent-zenith does not exist"),
@@ -494,9 +505,83 @@ def test_text_corpus_messages(tmp_path):
 def test_command_line_messages(argv, match, monkeypatch, capsys, tmp_path):
     _no_lr_free(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--out", str(tmp_path)])
+        main([*argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--lr", "-1"], ["--window-size", "0"]])
+def test_invalid_optimizer_argument_is_one_line_and_status_2(argv, tmp_path):
+    # As a user runs it: a new process, the default output folder under the working directory.
+    proc = subprocess.run([sys.executable, "-m", "zenith_fused.train", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"python -m zenith_fused.train: error: argument {argv[0]}: ")
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "1e-3"])
+def test_positive_float_accepts_numbers_above_zero(value):
+    assert cli.positive_float(value) == float(value)
+
+
+def test_integer_types_bounds():
+    assert cli.positive_int("1") == 1 and cli.non_negative_int("0") == 0 and cli.non_negative_float("0") == 0.0
+    for convert, text in ((cli.positive_int, "0"), (cli.non_negative_int, "-1"), (cli.non_negative_int, "2.0"),
+                          (cli.non_negative_float, "-inf")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{text}'"):
+            convert(text)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--dataset", "stdlib-text"], ["--lr-sweep", "0.1", "1"], ["--window-sweep", "10", "100"],
+    ["--dataset", "stdlib-text", "--window-sweep", "10"],
+])
+def test_every_mode_trains_on_one_cpu_thread_and_a_failed_run_leaves_no_folder(argv, monkeypatch, tmp_path):
+    seen = []
+
+    def failing_run_all(task, specs, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise _Stop
+
+    monkeypatch.setattr(cli, "run_all", failing_run_all)
+    before = torch.get_num_threads()
+    out = tmp_path / "runs" / "out"
+    with pytest.raises(_Stop):
+        main([*argv, "--quick", "--device", "cpu", "--out", str(out)])
+    assert seen == [1]
+    assert torch.get_num_threads() == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_threads_option_overrides_the_default(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "run_all", lambda *a, **k: seen.append(torch.get_num_threads()) or [][0])
+    with pytest.raises(IndexError):
+        main(["--quick", "--device", "cpu", "--threads", "2", "--out", str(tmp_path / "out")])
+    assert seen == [2]
+
+
+def test_a_run_that_fails_while_writing_removes_the_folders_it_made(monkeypatch, tmp_path):
+    def failing_write(results, table, out, plot):
+        (out / "results.json").write_text("{}")
+        raise _Stop
+
+    monkeypatch.setattr("zenith_fused.train.report.write_outputs", failing_write)
+    with pytest.raises(_Stop):
+        main(["--quick", "--epochs", "1", "--methods", "sgd", "--no-progress", "--out", str(tmp_path / "a" / "b")])
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(_Stop):
+        main(["--quick", "--epochs", "1", "--methods", "sgd", "--no-progress", "--out", str(kept)])
+    assert kept.is_dir()  # a folder that was there before is left alone
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

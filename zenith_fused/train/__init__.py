@@ -20,11 +20,19 @@ import importlib
 import sys
 from typing import Sequence
 
-__all__ = ["main", "missing_extras"]
+__all__ = ["main", "missing_extras", "install_hint"]
 
-# What every mode of the command imports; scikit-learn only the digits data set (checked there).
+# What every mode of the command imports; scikit-learn only the image data sets (checked there).
 EXTRA_MODULES = ("numpy", "matplotlib", "tqdm")
-INSTALL_HINT = "pip install 'zenith-fused[train]'"
+# The pip package of each module the [train] extra brings (the package is not on PyPI, so the
+# hint names the packages themselves, and the extra for a clone).
+EXTRA_PACKAGES = {"numpy": "numpy", "matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+
+
+def install_hint(modules: Sequence[str]) -> str:
+    """A command that installs ``modules``, anywhere."""
+    packages = " ".join(EXTRA_PACKAGES.get(module, module) for module in modules)
+    return f"pip install {packages} (from a clone of the repository: pip install -e '.[train]')"
 
 
 def missing_extras(modules: Sequence[str] = EXTRA_MODULES) -> list[str]:
@@ -42,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2 when the ``[train]`` extra is missing)."""
     missing = missing_extras()
     if missing:
-        print(f"zenith-train needs {', '.join(missing)}, which the [train] extra installs: {INSTALL_HINT}",
+        print(f"zenith-train needs {', '.join(missing)}, which the [train] extra installs: {install_hint(missing)}",
               file=sys.stderr)
         return 2
     from .cli import run

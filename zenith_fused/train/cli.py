@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,11 +29,11 @@ import torch
 
 from zenith_fused import ZenithFused
 
-from . import INSTALL_HINT, missing_extras
+from . import install_hint, missing_extras
 from .data import DATASETS as IMAGE_DATASETS
 from .loop import RunSpec, run_all, with_value
 from .methods import (ADAMW_WARMUP_FRACTION, LR_FREE, METHODS, PLATEAU, SGD_MOMENTUM, TrainConfig,
-                      default_methods, depends_on, lr_free_available)
+                      default_methods, depends_on, lr_free_available, lr_free_install_hint)
 
 __all__ = ["run", "build_parser", "Mode", "MODES"]
 
@@ -41,6 +43,39 @@ QUICK_MAX_TRAIN = 4096
 QUICK_MAX_TEST = 1024
 SWEEPS = {"lr": "--lr-sweep", "window_size": "--window-sweep"}
 PLOTS = {None: "curves.png", "lr": "lr_sweep.png", "window_size": "window_sweep.png"}
+
+
+# ---------------------------------------------------------------- argparse types for numeric options
+# Each is an argparse ``type=``: a bad value ends in argparse's one-line error and exit status 2,
+# before anything runs or any folder is made. The message names the value and what was expected.
+def _parsed(convert, text: str, expected: str, ok) -> Any:
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    return _parsed(float, text, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay, momentum)."""
+    return _parsed(float, text, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a window, a count of epochs, steps, threads)."""
+    return _parsed(int, text, "an integer >= 1", lambda v: v >= 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (a number of warmup steps)."""
+    return _parsed(int, text, "an integer >= 0", lambda v: v >= 0)
 
 
 @dataclass(frozen=True)
@@ -85,23 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run, under a minute in every mode: few epochs or steps, one seed, at most "
                         f"{QUICK_MAX_TRAIN} training and {QUICK_MAX_TEST} test images")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="image data sets: epochs per run (default 30, 15 in a sweep, 5 with --quick)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="stdlib-text: optimizer steps per run (default 300, 30 with --quick)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (16 windows of 128 bytes for stdlib-text)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 32 (16 windows of 128 bytes for stdlib-text)")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="η0, the base learning rate of ZENITH and the SGD methods (default 0.1)")
-    p.add_argument("--adamw-lr", type=float, default=TrainConfig.adamw_lr,
+    p.add_argument("--adamw-lr", type=positive_float, default=TrainConfig.adamw_lr,
                    help=f"AdamW's peak learning rate (default {TrainConfig.adamw_lr}; linear warmup over "
                         f"{ADAMW_WARMUP_FRACTION:.0%}% of the steps, then cosine to 0)")
-    p.add_argument("--window-size", type=int, default=TrainConfig.window_size, help="ZENITH's window W")
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+    p.add_argument("--window-size", type=positive_int, default=TrainConfig.window_size, help="ZENITH's window W")
+    p.add_argument("--weight-decay", type=non_negative_float, default=TrainConfig.weight_decay,
                    help="L2 weight decay of ZENITH, SGD and the LR-free methods (AdamW keeps its decoupled 0.01)")
     sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR",
+    sweep.add_argument("--lr-sweep", type=positive_float, nargs="+", metavar="LR",
                        help="run the methods at each η0 and plot the final test metric against it")
-    sweep.add_argument("--window-sweep", type=int, nargs="+", metavar="W",
+    sweep.add_argument("--window-sweep", type=positive_int, nargs="+", metavar="W",
                        help="run ZENITH at each window W (the other methods once, as a reference) and plot the "
                             "final test metric against it")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -116,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "plus adamw for stdlib-text)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default runs/train-<dataset>[-<sweep>]-<time>)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for digits, whose 8x8 images are too small to "
-                        "share between threads; torch's default otherwise)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default 1 on the CPU, in every mode: on a shared machine two "
+                        "threads that wait for each other's core are several times slower; torch's default "
+                        "with --device cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -155,12 +191,6 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def _check_positive(parser: argparse.ArgumentParser, flag: str, values: Sequence[float] | None) -> None:
-    for value in values or ():
-        if not value > 0:
-            parser.error(f"{flag} values must be positive, got {value}")
-
-
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run the comparison or sweep, write the outputs; returns what ``results.json`` holds."""
     from . import report
@@ -171,7 +201,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not text and args.data_dir is None and args.dataset != "digits":
         parser.error(f"--dataset {args.dataset} needs --data-dir (files already on disk; nothing is downloaded)")
     if not text and missing_extras(("sklearn",)):
-        parser.error(f"--dataset {args.dataset} needs scikit-learn, which the [train] extra installs: {INSTALL_HINT}")
+        parser.error(f"--dataset {args.dataset} needs scikit-learn, which the [train] extra installs: "
+                     f"{install_hint(['sklearn'])}")
     if text and args.epochs is not None:
         parser.error("--epochs counts passes over an image data set; stdlib-text runs --steps")
     if not text and args.steps is not None:
@@ -181,15 +212,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     length = args.steps if text else args.epochs
     if length is None:
         length = mode.quick_length if args.quick else mode.length
-    if length < 1:
-        parser.error(f"{'--steps' if text else '--epochs'} must be at least 1, got {length}")
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = mode.quick_batch_size if args.quick else mode.batch_size
-    if batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {batch_size}")
-    _check_positive(parser, "--lr-sweep", args.lr_sweep)
-    _check_positive(parser, "--window-sweep", args.window_sweep)
     cfg = TrainConfig(dataset=args.dataset, epochs=0 if text else length, steps=length if text else 0,
                       batch_size=batch_size, lr=args.lr if args.lr is not None else mode.lr,
                       adamw_lr=args.adamw_lr, window_size=args.window_size, weight_decay=args.weight_decay,
@@ -198,10 +223,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seeds = list(args.seeds) if args.seeds is not None else list(mode.quick_seeds if args.quick else mode.seeds)
     threads = args.threads
-    if threads is None and args.dataset == "digits":
+    if threads is None and cfg.device == "cpu":
         threads = 1
-    if threads is not None and threads < 1:
-        parser.error(f"--threads must be at least 1, got {threads}")
 
     skipped: dict[str, str] = {}
     if args.methods is not None:
@@ -209,7 +232,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lr_free = {name for name, *_ in LR_FREE}
         missing = [m for m in methods if m in lr_free and m not in lr_free_available()]
         if missing:
-            parser.error(f"--methods {' '.join(missing)}: not installed (pip install 'zenith-fused[train-extra]')")
+            parser.error(f"--methods {' '.join(missing)}: not installed ({lr_free_install_hint(missing)})")
     elif mode.methods is None:
         methods, skipped = default_methods()
     else:
@@ -222,7 +245,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     specs = _specs(methods, seeds, cfg, sweep, grid)
     out = args.out or Path("runs") / "-".join(
         ["train", args.dataset, *([sweep.replace("_size", "")] if sweep else []), f"{_dt.datetime.now():%Y%m%d-%H%M%S}"])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: exists and is not a folder")
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -262,9 +286,29 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = report.format_results(results)
     print(table)
     plot = out / PLOTS[sweep]
-    report.write_outputs(results, table, out, plot)
+    # The folder is made only now that there is something to put in it: a run that fails or is
+    # interrupted leaves none behind, and one that fails while writing removes what it made.
+    made = _first_missing(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        report.write_outputs(results, table, out, plot)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     print(f"wrote {out / 'results.json'}, {plot}, {out / 'table.md'}; {total_seconds:.0f} s in all")
     return results
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (what ``mkdir(parents=True)``
+    creates), or None when ``folder`` exists."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
 
 
 def _make_task(args: argparse.Namespace, cfg: TrainConfig, parser: argparse.ArgumentParser):

@@ -10,7 +10,7 @@ import torch
 from zenith_fused import ZenithFused
 
 __all__ = ["TrainConfig", "METHODS", "BASE_METHODS", "LR_FREE", "make_optimizer", "lr_free_available",
-           "default_methods", "depends_on", "host_lr"]
+           "default_methods", "depends_on", "host_lr", "lr_free_install_hint"]
 
 # Learning-rate-free optimizers in order of preference: (method name, module, class, package).
 LR_FREE = (
@@ -63,6 +63,12 @@ def lr_free_available() -> list[str]:
     return available
 
 
+def lr_free_install_hint(methods) -> str:
+    """The pip command that installs the packages of the learning-rate-free ``methods``."""
+    packages = [package for name, _, _, package in LR_FREE if name in methods]
+    return f"pip install {' '.join(packages)}"
+
+
 def default_methods() -> tuple[list[str], dict[str, str]]:
     """(methods to run, {skipped method: why}): the base four plus the first LR-free one found."""
     available = lr_free_available()
@@ -70,7 +76,7 @@ def default_methods() -> tuple[list[str], dict[str, str]]:
         return list(BASE_METHODS) + available[:1], {}
     packages = " nor ".join(pkg for *_, pkg in LR_FREE)
     return list(BASE_METHODS), {
-        "lr-free": f"neither {packages} is installed (pip install 'zenith-fused[train-extra]')"
+        "lr-free": f"neither {packages} is installed ({lr_free_install_hint([name for name, *_ in LR_FREE[:1]])})"
     }
 
 
@@ -107,7 +113,7 @@ def make_optimizer(method: str, params, cfg: TrainConfig, total_steps: int):
     for name, module, cls, package in LR_FREE:
         if method == name:
             if name not in lr_free_available():
-                raise RuntimeError(f"method {name!r} needs {package}: pip install 'zenith-fused[train-extra]'")
+                raise RuntimeError(f"method {name!r} needs {package}: {lr_free_install_hint([name])}")
             optimizer_cls = getattr(importlib.import_module(module), cls)
             # Both are used as their authors recommend: lr=1 (a multiplier on the estimated step).
             # Prodigy's weight decay is decoupled (AdamW-style), the others' is L2 in the gradient.
