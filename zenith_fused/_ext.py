@@ -5,7 +5,7 @@ compiler are present at install time (the CUDA kernels too when torch has CUDA a
 found). A plain ``pip install .`` builds in an isolated environment without torch, so there the
 extension is missing: it is then compiled on first use from the sources the package ships
 (``zenith_fused/csrc``, torch.utils.cpp_extension.load with ninja, cached by torch), with one line
-on stderr saying so. ``ZENITH_FUSED_BUILD_EXT=0`` turns that off; where neither works the "cpu"
+on stderr when, and only when, that compiles. ``ZENITH_FUSED_BUILD_EXT=0`` turns that off; where neither works the "cpu"
 and "cuda" backends report why, and ``"auto"`` uses Triton or the reference.
 
 This module also registers the operators' fake implementations, so that they trace under
@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import threading
 
@@ -48,19 +50,87 @@ def _jit_build() -> None:
     if config is None:
         raise RuntimeError("the package's csrc/ sources are missing")
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    print(
-        f"zenith_fused: compiling the {'CPU and CUDA' if with_cuda else 'CPU'} kernels on first use "
-        "(once, a few minutes; torch caches the build)",
-        file=sys.stderr, flush=True,
+    _load_library(
+        "zenith_fused_jit",
+        config.CSRC,
+        [os.path.relpath(source, config.CSRC) for source in config.sources(with_cuda, absolute=True)],
+        cflags=config.cxx_flags(),
+        cuda_cflags=config.nvcc_flags(),
+        ldflags=config.link_flags(),
+        what=f"the {'CPU and CUDA' if with_cuda else 'CPU'} kernels",
     )
+
+
+# What the mirror of a source tree copies: every file a compile can read.
+_SOURCE_SUFFIXES = (".h", ".hpp", ".cuh", ".cpp", ".cc", ".cu")
+
+
+def _load_library(name: str, root: str, sources: list[str], *, cflags: list[str], cuda_cflags: list[str],
+                  ldflags: list[str], what: str) -> None:
+    """``cpp_extension.load`` of the library ``name`` from ``sources`` (paths relative to ``root``) into
+    ``torch.ops``, saying so on stderr only when it compiles.
+
+    torch keeps the build in a folder of its cache (``TORCH_EXTENSIONS_DIR``) and runs ninja there at
+    every load; ninja compiles what is older than its sources. The sources are compiled from a copy in
+    that folder whose files are rewritten only when their bytes change, so a reinstall that writes
+    the same sources again (new files, new times) compiles nothing either.
+    """
+    from torch.utils import cpp_extension
+
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    mirror = os.path.join(build_dir, "sources")
+    _mirror_sources(root, mirror)
+    paths = [os.path.join(mirror, source) for source in sources]
+    if _compile_pending(build_dir, paths, cflags):
+        print(f"zenith_fused: compiling {what} (once, 1-3 minutes; torch caches the build in {build_dir})",
+              file=sys.stderr, flush=True)
     cpp_extension.load(
-        name="zenith_fused_jit",
-        sources=config.sources(with_cuda, absolute=True),
-        extra_cflags=config.cxx_flags(),
-        extra_cuda_cflags=config.nvcc_flags(),
-        extra_ldflags=config.link_flags(),
+        name=name,
+        sources=paths,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_cflags,
+        extra_ldflags=ldflags,
+        build_directory=build_dir,
         is_python_module=False,  # loads the library into torch.ops; no Python module needed
     )
+
+
+def _mirror_sources(root: str, mirror: str) -> None:
+    """Copy the source files under ``root`` to ``mirror``, writing only those whose bytes differ (each
+    by an atomic rename: a concurrent compile never reads half a file)."""
+    for folder, _, files in os.walk(root):
+        for file in files:
+            if not file.endswith(_SOURCE_SUFFIXES):
+                continue
+            source = os.path.join(folder, file)
+            copy = os.path.join(mirror, os.path.relpath(source, root))
+            with open(source, "rb") as f:
+                data = f.read()
+            if os.path.exists(copy):
+                with open(copy, "rb") as f:
+                    if f.read() == data:
+                        continue
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            partial = f"{copy}.{os.getpid()}.partial"
+            with open(partial, "wb") as f:
+                f.write(data)
+            os.replace(partial, copy)
+
+
+def _compile_pending(build_dir: str, sources: list[str], cflags: list[str]) -> bool:
+    """Whether loading from ``build_dir`` will compile: no build there yet, a build of other sources
+    or flags, or one that ninja finds out of date (a dry run, ``ninja -n``, which changes nothing)."""
+    ninja_file = os.path.join(build_dir, "build.ninja")
+    ninja = shutil.which("ninja")
+    if ninja is None or not os.path.exists(ninja_file):
+        return True
+    with open(ninja_file, encoding="utf-8") as f:
+        recipe = f.read()
+    # torch rewrites build.ninja before building; these are what it would change in it.
+    if any(source not in recipe for source in sources) or any(flag not in recipe for flag in cflags):
+        return True
+    dry_run = subprocess.run([ninja, "-n"], cwd=build_dir, capture_output=True, text=True)
+    return dry_run.returncode != 0 or "no work to do" not in dry_run.stdout
 
 
 def _load() -> str | None:
