@@ -1,6 +1,8 @@
 import importlib.util
 import os
 import shutil
+import sys
+import time
 import warnings
 
 from setuptools import setup
@@ -53,12 +55,26 @@ def extension_build():
         extra_link_args=config.link_flags(),
     )
 
+    what = "C++ CPU and CUDA kernels" if with_cuda else "C++ CPU kernels"
+
     class BuildExtension(cpp_extension.BuildExtension):
-        """torch's ninja build; where the extension is optional a failed build is a warning."""
+        """torch's ninja build, in a folder kept between installs; where the extension is optional a
+        failed build is a warning."""
 
         def build_extensions(self):
+            # setuptools builds an editable install in a new temporary folder each time, so ninja
+            # would recompile every object of unchanged sources; a folder of the checkout lets it
+            # skip them (ninja's depfiles still catch a changed header, torch's included).
+            self.build_temp = _persistent_build_temp(torch.__version__)
+            # pip shows this only with -v (it hides a build's output): the README says what pip prints.
+            print(f"zenith-fused: building zenith_fused._C, the {what} (a first build compiles for 1-3 "
+                  f"minutes on 2 cores; a reinstall of unchanged sources reuses the objects in {self.build_temp})",
+                  file=sys.stderr, flush=True)
+            started = time.monotonic()
             try:
                 super().build_extensions()
+                print(f"zenith-fused: built zenith_fused._C in {time.monotonic() - started:.0f} s",
+                      file=sys.stderr, flush=True)
             except Exception as exc:  # compiler missing or failing: setuptools and ninja errors
                 if mode == "1":
                     raise
@@ -72,9 +88,21 @@ def extension_build():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _persistent_build_temp(torch_version: str) -> str:
+    """build/ of the checkout, one folder per Python and torch (objects built against other headers
+    are never mixed)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tag = f"{sys.implementation.cache_tag}-torch{torch_version.replace('+', '-')}"
+    return os.path.join(here, "build", f"zenith-fused-ext-{tag}")
+
+
 ext_modules, cmdclass = extension_build()
 
-_TRAIN = ["numpy", "scikit-learn>=1.0", "matplotlib>=3.5", "tqdm>=4.60"]
+# matplotlib 3.7: legends placed outside the panels (loc="outside ...").
+_TRAIN = ["numpy", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
+# The Triton releases the tests and bench/kernel_report.py have run (3.6 with torch 2.11, 3.7 with
+# torch 2.13); its CPU interpreter (TRITON_INTERPRET=1, the tests without a GPU) imports numpy.
+_TRITON = ["triton>=3.6,<3.8", "numpy"]
 
 setup(
     name="zenith-fused",
@@ -95,10 +123,10 @@ setup(
     # ninja: torch.utils.cpp_extension compiles the kernels on first use with it.
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": _TRITON,
         "train": _TRAIN,
         "train-extra": _TRAIN + ["prodigyopt>=1.1.2"],
-        "test": ["pytest>=8", "pytest-xdist", "triton>=3.0"] + _TRAIN,
+        "test": ["pytest>=8", "pytest-xdist"] + _TRITON + _TRAIN,
     },
     entry_points={"console_scripts": ["zenith-train = zenith_fused.train:main"]},
 )
