@@ -7,7 +7,11 @@ Triton: the launchers of ``zenith_fused.triton_kernels`` are called on CPU tenso
 kernel's launch intercepted, once per specialization a step can launch (float32, bfloat16,
 float16, float64; momentum on and off; GradScaler's ``grad_scale``/``found_inf`` and clipping
 flags of the history kernel; aligned and unaligned tables, the latter made by slicing a flat
-buffer at an odd offset). Each intercepted launch is bound with the same code ``JITFunction.run``
+buffer at an odd offset, and for float32 a mixed table, one aligned tensor beside one at an odd
+offset). Alignment is decided per tensor (the table's ALIGNED column): a table with any aligned
+tensor launches the VECTORIZE specialization, in which each tensor takes the 128-bit path or the
+scalar one at run time; a table with none launches the scalar-only kernel. The ``vectorize``
+column shows which one a table of each kind runs. Each intercepted launch is bound with the same code ``JITFunction.run``
 uses to pick a cached kernel (so the report compiles exactly the signature, constexprs and
 alignment attributes a GPU launch would) and compiled ahead of time with ``triton.compile`` for
 ``GPUTarget("cuda", ARCH, 32)``, with the ``launch_config`` of that architecture. ptxas ships in
@@ -48,7 +52,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 VECTOR_DTYPES = ("float32", "bfloat16", "float16")
-COLUMNS = ("kernel", "dtype", "aligned", "registers", "spills", "load_bits", "store_bits", "num_warps",
+COLUMNS = ("kernel", "dtype", "aligned", "vectorize", "registers", "spills", "load_bits", "store_bits", "num_warps",
            "occupancy", "fma", "loads", "stores")
 
 
@@ -140,12 +144,15 @@ def _launches(arch: int):
         numels = (cfg.chunk_size + 5, 3)  # two chunks, then a small tensor
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
-            for aligned in (True, False):
+            for aligned in (True, "mixed", False) if dtype_name == "float32" else (True, False):
                 def tensors():
-                    if aligned:
+                    if aligned is True:
                         return [torch.zeros(n, dtype=dtype) for n in numels]
-                    flat = torch.zeros(sum(numels) + 1, dtype=dtype)  # odd offsets: never 16-byte aligned
-                    return list(torch.split(flat[1:], list(numels)))
+                    # One element into a buffer of its own: never 16-byte aligned, whatever the dtype.
+                    odd = [torch.zeros(n + 1, dtype=dtype)[1:] for n in numels]
+                    if aligned == "mixed":  # the large tensor aligned, the small one at an odd offset
+                        return [torch.zeros(numels[0], dtype=dtype), odd[1]]
+                    return odd
                 params, grads = tensors(), tensors()
                 steps = [torch.zeros((), dtype=torch.int64) for _ in numels]
                 placeholder = torch.zeros((), dtype=torch.int64)
@@ -154,7 +161,8 @@ def _launches(arch: int):
                     table = _table.build_tensor_table(
                         params, grads, buffers, steps if has_momentum else [None] * len(numels), [0] * len(numels),
                         chunk_size=cfg.chunk_size, placeholder_step=placeholder)
-                    assert table.aligned == aligned and table.has_momentum == has_momentum
+                    assert table.aligned == (aligned is True) and table.has_momentum == has_momentum
+                    assert table.any_aligned == (aligned is not False)
                     hyperparams, lr_ptrs = _table.hyperparam_table(
                         [(0.1, 0.9 if has_momentum else 0.0, 1.0, 0.0, 0.0, 0.0)],
                         torch.float64 if dtype == torch.float64 else torch.float32, torch.device("cpu"))
@@ -227,7 +235,8 @@ def triton_rows(arch: int) -> tuple[list[dict], list[str]]:
             if registers is None:
                 errors.append(f"triton {name} {dtype}: no ptxas -v log (triton {triton.__version__})")
             rows.append(dict(
-                kernel=name, dtype=dtype, aligned=aligned, registers=registers, spills=spills,
+                kernel=name, dtype=dtype, aligned=aligned, vectorize=kwargs.get("VECTORIZE"),
+                registers=registers, spills=spills,
                 load_bits=load_bits, store_bits=store_bits, num_warps=options.num_warps,
                 occupancy=None if registers is None else occupancy(registers, options.num_warps),
                 fma=fma_count(ptx), loads=mix_text(mix["ld"]), stores=mix_text(mix["st"]), source="triton",
@@ -287,7 +296,7 @@ def nvcc_rows(arch: int, source: Path) -> tuple[list[dict], list[str], str | Non
         body = entries.get(mangled, "")
         load_bits, store_bits = access_widths(body) if body else (None, None)
         mix = access_mix(body)
-        rows.append(dict(kernel=f"cuda:{name}", dtype=dtype, aligned=None, registers=registers, spills=spills,
+        rows.append(dict(kernel=f"cuda:{name}", dtype=dtype, aligned=None, vectorize=None, registers=registers, spills=spills,
                          load_bits=load_bits, store_bits=store_bits, num_warps=None, occupancy=None,
                          fma=fma_count(body) if body else None, loads=mix_text(mix["ld"]),
                          stores=mix_text(mix["st"]), source="nvcc"))
@@ -306,7 +315,7 @@ def problems(rows: list[dict]) -> list[str]:
         if r["source"] != "triton":
             continue
         base = r["kernel"].split("[")[0]
-        if r["aligned"] and r["dtype"] in VECTOR_DTYPES:
+        if r["aligned"] is not False and r["aligned"] is not None and r["dtype"] in VECTOR_DTYPES:
             if base == "sq_norm_partials" and r["load_bits"] < 128:
                 out.append(f"{what}: widest load {r['load_bits']} bits, expected 128")
             if base == "momentum_update" and (r["load_bits"] < 128 or r["store_bits"] < 128):

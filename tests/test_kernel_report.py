@@ -28,14 +28,18 @@ def test_kernel_report(arch, tmp_path):
     rows = report["rows"]
     assert all(KEYS <= row.keys() for row in rows)
     triton = [r for r in rows if r["source"] == "triton"]
-    # 4 dtypes x aligned/unaligned x (norm, update with and without momentum) + 8 history flag sets.
-    assert len(triton) == 4 * 2 * 3 + 8
+    # 4 dtypes x aligned/unaligned x (norm, update with and without momentum), float32's mixed
+    # table (one aligned tensor, one at an odd offset) x the same 3, and 8 history flag sets.
+    assert len(triton) == 4 * 2 * 3 + 3 + 8
     assert len({(r["kernel"], r["dtype"], r["aligned"]) for r in triton}) == len(triton)
     for r in rows:
         assert r["spills"] == 0 and r["registers"] > 0, r
     for r in triton:
         base = r["kernel"].split("[")[0]
-        if r["aligned"] and r["dtype"] in ("float32", "bfloat16", "float16"):
+        if base != "update_history":
+            # Any aligned tensor: the per-tensor 128-bit path is compiled in; none: scalar only.
+            assert r["vectorize"] == (r["aligned"] is not False), r
+        if r["aligned"] in (True, "mixed") and r["dtype"] in ("float32", "bfloat16", "float16"):
             assert r["load_bits"] == 128, r
             if base == "momentum_update":
                 assert r["store_bits"] == 128, r

@@ -117,31 +117,43 @@ def _update_range(
 
 @triton.jit
 def _update_chunk(
-    param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+    row, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
     first, momentum, one_minus_dampening, nesterov,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, USE_BUFFER: tl.constexpr,
     BLOCK: tl.constexpr, VECTORIZE: tl.constexpr,
 ):
-    """The chunk at element ``start`` of one tensor: the 128-bit path when this tensor is aligned
-    (its ALIGNED column, checked by the host for parameter, gradient and buffer alike), the
-    masked scalar path otherwise. Alignment is per tensor, so a misaligned view does not slow
-    the rest of its bucket."""
+    """The chunk at element ``start`` of the tensor-table row ``row``: the 128-bit path when this
+    tensor is aligned (its ALIGNED column, checked by the host for parameter, gradient and buffer
+    alike), the masked scalar path otherwise. Alignment is per tensor, so a misaligned view does
+    not slow the rest of its bucket."""
     if VECTORIZE:
         if aligned:
-            # Chunks start at multiples of 16 elements.
-            start = tl.multiple_of(start, 16)
-            _update_range(tl.multiple_of(param, VECTOR_ALIGNMENT) + start, tl.multiple_of(grad, VECTOR_ALIGNMENT) + start,
-                          tl.multiple_of(buffer, VECTOR_ALIGNMENT) + start, n, step_lr, grad_multiplier, maximize,
-                          weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
-                          BLOCK, VECTOR=True)
+            _update_range(_row_pointer(row, PARAM, start, DTYPE, True), _row_pointer(row, GRAD, start, DTYPE, True),
+                          _row_pointer(row, MOMENTUM_BUFFER, start, DTYPE, True), n, step_lr, grad_multiplier,
+                          maximize, weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE,
+                          USE_BUFFER, BLOCK, VECTOR=True)
         else:
-            _update_range(param + start, grad + start, buffer + start, n, step_lr, grad_multiplier, maximize,
-                          weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
-                          BLOCK, VECTOR=False)
+            _update_range(_row_pointer(row, PARAM, start, DTYPE, False), _row_pointer(row, GRAD, start, DTYPE, False),
+                          _row_pointer(row, MOMENTUM_BUFFER, start, DTYPE, False), n, step_lr, grad_multiplier,
+                          maximize, weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE,
+                          USE_BUFFER, BLOCK, VECTOR=False)
     else:
-        _update_range(param + start, grad + start, buffer + start, n, step_lr, grad_multiplier, maximize,
-                      weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, USE_BUFFER,
-                      BLOCK, VECTOR=False)
+        _update_range(_row_pointer(row, PARAM, start, DTYPE, False), _row_pointer(row, GRAD, start, DTYPE, False),
+                      _row_pointer(row, MOMENTUM_BUFFER, start, DTYPE, False), n, step_lr, grad_multiplier,
+                      maximize, weight_decay, first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE,
+                      USE_BUFFER, BLOCK, VECTOR=False)
+
+
+@triton.jit
+def _row_pointer(row, column: tl.constexpr, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in ``column`` of a tensor-table row, plus ``start`` elements. Loaded here, not
+    passed in: an alignment hint must sit on an op of the body (one on an argument does not
+    survive inlining). Chunks start at multiples of 16 elements, which ``start // 16 * 16`` shows
+    the compiler at the cost of a shift."""
+    pointer = tl.load(row + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        return tl.multiple_of(pointer, VECTOR_ALIGNMENT) + start // 16 * 16
+    return pointer + start
 
 
 @triton.jit
@@ -166,9 +178,6 @@ def _momentum_update_kernel(
     start = tl.load(chunks + CHUNK_COLUMNS * chunk + CHUNK_START)
     row = tensors + tensor * TENSOR_COLUMNS
     numel = tl.load(row + NUMEL)
-    param = tl.load(row + PARAM).to(tl.pointer_type(DTYPE))
-    grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
-    buffer = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE))
     aligned = tl.load(row + ALIGNED) != 0
 
     slot = tl.load(row + HYPERPARAM_SLOT)
@@ -196,13 +205,13 @@ def _momentum_update_kernel(
         first = (buffer_step == 0) | (buffer_step == step)
         tl.store(buffer_step_ptr, step, mask=has_buffer & applied & (buffer_step == 0) & (start == 0))
         if has_buffer:
-            _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+            _update_chunk(row, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
                           first, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, True, BLOCK, VECTORIZE)
         else:
-            _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+            _update_chunk(row, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
                           False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, VECTORIZE)
     else:
-        _update_chunk(param, grad, buffer, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
+        _update_chunk(row, start, aligned, n, step_lr, grad_multiplier, maximize, weight_decay,
                       False, momentum, one_minus_dampening, nesterov, DTYPE, COMPUTE, False, BLOCK, VECTORIZE)
 
 

@@ -33,14 +33,19 @@ def _sq_norm_block(grad, offsets, n, ACC_DTYPE: tl.constexpr, MASKED: tl.constex
 
 
 @triton.jit
-def _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, VECTOR: tl.constexpr):
-    """The per-lane sums of squares of elements ``[start, start + n)`` of ``grad``."""
+def _sq_norm_chunk(row, start, n, lanes, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                   VECTOR: tl.constexpr):
+    """The per-lane sums of squares of elements ``[start, start + n)`` of the gradient of the
+    tensor-table row ``row``."""
     acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    # The address is loaded here, not passed in: an alignment hint must sit on an op of this
+    # function's body (a hint on an argument does not survive inlining).
+    grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
     if VECTOR:
         # The host checked this tensor's address (its ALIGNED column), and chunks start at
-        # multiples of the chunk size (a multiple of 16 elements): tell the compiler, so that the
-        # unmasked main loop becomes 128-bit loads.
-        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT) + tl.multiple_of(start, 16)
+        # multiples of the chunk size (a multiple of 16 elements, which start // 16 * 16 shows the
+        # compiler at the cost of a shift): so the unmasked main loop becomes 128-bit loads.
+        grad = tl.multiple_of(grad, VECTOR_ALIGNMENT) + start // 16 * 16
         full = n // BLOCK * BLOCK
         for offset in range(0, full, BLOCK):
             offsets = tl.max_contiguous(tl.multiple_of(offset + lanes, BLOCK), BLOCK)
@@ -73,18 +78,17 @@ def _sq_norm_partials_kernel(
     row = tensors + tensor * TENSOR_COLUMNS
     # Elements of this chunk; <= CHUNK, so the offsets within it fit in int32.
     n = tl.minimum(tl.load(row + NUMEL) - start, CHUNK).to(tl.int32)
-    grad = tl.load(row + GRAD).to(tl.pointer_type(DTYPE))
     lanes = tl.arange(0, BLOCK)
     # Alignment is decided per tensor: a misaligned view takes the masked scalar loop without
     # taking the rest of its bucket with it. VECTORIZE (some tensor is aligned) leaves the
     # 128-bit path out of the kernel when no tensor could take it.
     if VECTORIZE:
         if tl.load(row + ALIGNED) != 0:
-            acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=True)
+            acc = _sq_norm_chunk(row, start, n, lanes, DTYPE, ACC_DTYPE, BLOCK, VECTOR=True)
         else:
-            acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=False)
+            acc = _sq_norm_chunk(row, start, n, lanes, DTYPE, ACC_DTYPE, BLOCK, VECTOR=False)
     else:
-        acc = _sq_norm_chunk(grad, start, n, lanes, ACC_DTYPE, BLOCK, VECTOR=False)
+        acc = _sq_norm_chunk(row, start, n, lanes, DTYPE, ACC_DTYPE, BLOCK, VECTOR=False)
     tl.store(sq_norm_partials + chunk, tl.sum(acc, axis=0).to(tl.float32))
 
 

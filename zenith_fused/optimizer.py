@@ -147,7 +147,6 @@ class ZenithFused(Optimizer):
         self._history = ZenithHistory.zeros(
             window_size, torch.device("cpu") if first is None else first.device, warmup_steps
         )
-        self._sharding_plan()  # a parameter ZENITH cannot shard (a Partial DTensor) raises now
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -171,6 +170,8 @@ class ZenithFused(Optimizer):
                 self._backends.for_tensors(p.device, p.dtype.to_real() if p.is_complex() else p.dtype)
         super().add_param_group(param_group)
         self._plan = None
+        self._all_params = [p for g in self.param_groups for p in g["params"]]
+        self._sharding_plan()  # a parameter ZENITH cannot shard (a Partial DTensor) raises now
 
     # ------------------------------------------------------------------ public state
     @property
@@ -242,10 +243,12 @@ class ZenithFused(Optimizer):
         if torch.compiler.is_compiling():
             # One opaque op that runs the same plan step (see zenith_fused._traced); the tensors
             # it reads and writes are its arguments, so the graph orders it correctly.
-            sharding = self._sharding_plan()
+            # Only a flat list of the parameters is read here, never param_groups: a float lr a
+            # scheduler rewrites is then no guard (the op reads it at run time).
+            sharding = self._sharding
             local = sharding.local if sharding is not None and sharding.has_dtensors else _same
-            params = [local(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-            grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            params = [local(p) for p in self._all_params if p.grad is not None]
+            grads = [local(p.grad) for p in self._all_params if p.grad is not None]
             _traced.plan_step(self._handle, params, grads, self._history.kernel_tensors(),
                               getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
             return loss
@@ -336,7 +339,7 @@ class ZenithFused(Optimizer):
             window_size=self.window_size, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
             backend=self.backend, _history=self._history, process_group=self.process_group,
         )
-        for transient in ("_plan", "_handle", "_backends", "_sharding", "_sharding_groups"):
+        for transient in ("_plan", "_handle", "_backends", "_sharding", "_sharding_groups", "_all_params"):
             state.pop(transient, None)
         return state
 
@@ -357,6 +360,8 @@ class ZenithFused(Optimizer):
         if "_handle" not in self.__dict__:
             self._handle = _traced.register(self._traced_plan_step)
         self._sharding, self._sharding_groups = None, -1
+        self._sharding_plan()
+        self._all_params = [p for g in self.param_groups for p in g["params"]]
         self._plan = None
         for group in self.param_groups:
             group.setdefault("maximize", False)
