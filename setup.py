@@ -99,7 +99,7 @@ def _persistent_build_temp(torch_version: str) -> str:
 ext_modules, cmdclass = extension_build()
 
 # matplotlib 3.7: legends placed outside the panels (loc="outside ...").
-_TRAIN = ["numpy", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60"]
+_TRAIN = ["numpy", "scikit-learn>=1.0", "matplotlib>=3.7", "tqdm>=4.60", "mnist1d==0.0.2.post1"]
 # The Triton releases the tests and bench/kernel_report.py have run (3.6 with torch 2.11, 3.7 with
 # torch 2.13); its CPU interpreter (TRITON_INTERPRET=1, the tests without a GPU) imports numpy.
 _TRITON = ["triton>=3.6,<3.8", "numpy"]
