@@ -97,11 +97,13 @@ _TEXT_METHODS = ("zenith", "sgd", "sgd-cosine", "adamw")
 MODES = {
     # (data kind, sweep): images count epochs, text counts steps.
     ("image", None): Mode(30, 5, (0, 1, 2, 3, 4), (0,), None),
-    ("image", "lr"): Mode(15, 5, (0, 1), (0,), _SWEEP_METHODS),
-    ("image", "window_size"): Mode(15, 5, (0, 1), (0,), _SWEEP_METHODS),
-    ("text", None): Mode(300, 30, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=16),
-    ("text", "lr"): Mode(300, 30, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=16),
-    ("text", "window_size"): Mode(300, 30, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=16),
+    # --quick stays under a minute on 2 shared cores (load average 7 measured): a sweep's quick runs
+    # are shorter, since it makes 4 to 10 of them.
+    ("image", "lr"): Mode(15, 3, (0, 1), (0,), _SWEEP_METHODS),
+    ("image", "window_size"): Mode(15, 3, (0, 1), (0,), _SWEEP_METHODS),
+    ("text", None): Mode(300, 20, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=8),
+    ("text", "lr"): Mode(300, 10, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=8),
+    ("text", "window_size"): Mode(300, 10, (0,), (0,), _TEXT_METHODS, batch_size=16, quick_batch_size=8),
 }
 
 
@@ -121,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke run, under a minute in every mode: few epochs or steps, one seed, at most "
                         f"{QUICK_MAX_TRAIN} training and {QUICK_MAX_TEST} test images")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="image data sets: epochs per run (default 30, 15 in a sweep, 5 with --quick)")
+                   help="image data sets: epochs per run (default 30, 15 in a sweep, 5 with --quick, 3 in a quick "
+                        "sweep)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="stdlib-text: optimizer steps per run (default 300, 30 with --quick)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default 32 (16 windows of 128 bytes for stdlib-text)")
+                   help="stdlib-text: optimizer steps per run (default 300, 20 with --quick, 10 in a quick sweep)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="default 32 (stdlib-text: 16 windows of 128 bytes, 8 with --quick)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="η0, the base learning rate of ZENITH and the SGD methods (default 0.1)")
     p.add_argument("--adamw-lr", type=positive_float, default=TrainConfig.adamw_lr,
