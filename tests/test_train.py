@@ -589,3 +589,66 @@ def test_cuda_device_message_without_cuda(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cuda"])
     assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ pictures
+_RESULTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def test_every_method_has_its_own_style_whatever_the_others():
+    from zenith_fused.train import report
+
+    styles = report._styles(list(methods.METHODS))
+    assert len({(repr(s["linestyle"]), s["marker"]) for s in styles.values()}) == len(methods.METHODS)
+    assert len({s["color"] for s in styles.values()}) == len(methods.METHODS)
+    assert report._styles(["sgd-plateau", "sgd"])["sgd"] == styles["sgd"]
+    assert list(report._styles(["sgd-plateau", "zenith"])) == ["zenith", "sgd-plateau"]  # fixed drawing order
+
+
+def test_curves_figure_labels_its_axes_draws_seed_bands_and_keeps_the_legend_outside():
+    from matplotlib.collections import PolyCollection
+
+    from zenith_fused.train import report
+
+    results = report.load_results(_RESULTS / "train-digits-cpu-2026-11-29.json")  # 5 seeds, the old layout
+    fig = report.curves_figure(results)
+    try:
+        assert len(fig.axes) == 3
+        for ax in fig.axes:
+            assert ax.get_ylabel() and ax.get_xlabel() == "optimizer step"
+            assert ax.get_legend() is None
+            assert sum(isinstance(c, PolyCollection) for c in ax.collections) == len(results["runs"])
+        assert len(fig.legends) == 1
+        assert "band: min to max over the seeds" in fig._suptitle.get_text()
+        # sgd and sgd-plateau coincide for the first epochs: their lines differ in dashes and markers.
+        lines = {line.get_label(): line for line in fig.axes[2].get_lines()}
+        sgd, plateau = lines["sgd"], lines["sgd-plateau"]
+        assert sgd.get_marker() != plateau.get_marker() and sgd.get_color() != plateau.get_color()
+        styles = report._styles(["sgd", "sgd-plateau"])
+        assert styles["sgd"]["linestyle"] != styles["sgd-plateau"]["linestyle"]
+    finally:
+        __import__("matplotlib.pyplot").pyplot.close(fig)
+
+
+@pytest.mark.parametrize("name", ["train-lr-sweep-digits-cpu-2026-12-03.json",
+                                  "train-window-sweep-stdlib-text-cpu-2026-12-03.json"])
+def test_sweep_figure_puts_metric_and_rate_on_separate_panels(name):
+    from zenith_fused.train import report
+
+    fig = report.sweep_figure(report.load_results(_RESULTS / name))
+    try:
+        assert len(fig.axes) == 2  # no twin axis
+        metric, rate = fig.axes
+        assert "final test" in metric.get_ylabel() and "learning rate" in rate.get_ylabel()
+        assert rate.get_yscale() == "log" and metric.get_legend() is None and len(fig.legends) == 1
+    finally:
+        __import__("matplotlib.pyplot").pyplot.close(fig)
+
+
+def test_report_module_redraws_a_saved_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zenith_fused.train.report",
+                           str(_RESULTS / "train-window-sweep-digits-cpu-2026-12-03.json"), str(tmp_path / "w.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w.png").read_bytes()[:8] == PNG
+    assert "| W | zenith | sgd (one run, any W) | sgd-cosine (one run, any W) | ZENITH final lr |" in proc.stdout

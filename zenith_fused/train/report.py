@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["summarize", "summarize_sweep", "format_results", "write_outputs", "plot_curves", "plot_sweep"]
+__all__ = ["summarize", "summarize_sweep", "format_results", "write_outputs", "plot_curves", "plot_sweep", "picture",
+           "curves_figure", "sweep_figure", "load_results", "redraw"]
 
 # The numbers of one run that a summary keeps, over seeds (each run has those of its task).
 SUMMARY_FIELDS = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "final_val_bpb", "final_test_bpb",
@@ -34,8 +35,6 @@ TEXT_COLUMNS = (
 )
 METRIC_NAMES = {"final_test_accuracy": "final test accuracy", "final_test_bpb": "final test bits per byte"}
 SWEEP_NAMES = {"lr": ("η0", "--lr-sweep"), "window_size": ("W", "--window-sweep")}
-LINESTYLES = {"zenith": "-", "sgd": "--", "sgd-cosine": "-", "sgd-plateau": ":", "adamw": "-.",
-              "prodigy": "-.", "dadapt-sgd": "-."}
 # Their effective rate is an Adam-type step size, not comparable with the SGD rates on one axis.
 ADAPTIVE = {"adamw": "an Adam step", "prodigy": "d·lr, an Adam-type step", "dadapt-sgd": "d·lr"}
 
@@ -165,6 +164,25 @@ def format_sweep(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- pictures
+# One style per method in a fixed order, the same in every picture: a colour, a dash pattern and a
+# marker, so that two methods whose lines coincide (sgd and sgd-plateau until the first reduction)
+# both stay visible. Methods are drawn in this order; a method not listed takes the next spare style.
+METHOD_STYLES = {
+    "zenith": dict(color="C0", linestyle="-", marker="o"),
+    "sgd": dict(color="C1", linestyle=(0, (6, 2)), marker="s"),
+    "sgd-cosine": dict(color="C2", linestyle="-.", marker="^"),
+    "sgd-plateau": dict(color="C3", linestyle=(0, (1, 1.5)), marker="v"),
+    "adamw": dict(color="C4", linestyle=(0, (4, 1, 1, 1, 1, 1)), marker="D"),
+    "prodigy": dict(color="C5", linestyle=(0, (3, 1.5, 1, 1.5)), marker="P"),
+    "dadapt-sgd": dict(color="C6", linestyle=(0, (3, 1.5, 1, 1.5)), marker="X"),
+}
+SPARE_STYLES = (dict(color="C7", linestyle=(0, (8, 2, 2, 2)), marker="*"),
+                dict(color="C8", linestyle=(0, (2, 2)), marker="h"),
+                dict(color="C9", linestyle=(0, (5, 1, 1, 1)), marker="<"))
+MARKERS_PER_LINE = 8  # markers along a line over steps, staggered between methods
+BAND_ALPHA = 0.12
+
+
 def _pyplot():
     import matplotlib
 
@@ -174,8 +192,37 @@ def _pyplot():
     return plt
 
 
-def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
-    return [statistics.fmean(values) for values in zip(*curves)]
+def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{method: style}`` in drawing order: the listed methods first, in their order."""
+    known = [m for m in METHOD_STYLES if m in methods]
+    others = [m for m in methods if m not in METHOD_STYLES]
+    styles = {m: dict(METHOD_STYLES[m]) for m in known}
+    for k, m in enumerate(others):
+        styles[m] = dict(SPARE_STYLES[k % len(SPARE_STYLES)])
+    for m, style in styles.items():
+        style.update(linewidth=2.0 if m == "zenith" else 1.4, markersize=5, markerfacecolor="none")
+    return styles
+
+
+def _marks(n: int, k: int, count: int) -> tuple[int, int]:
+    """``markevery`` for line ``k`` of ``count`` with ``n`` points: evenly spaced, each line offset
+    so that the markers of coinciding lines fall side by side."""
+    every = max(1, n // MARKERS_PER_LINE)
+    return (min(n - 1, every * k // max(1, count)), every)
+
+
+def _finite(values: Sequence[float | None]) -> list[float]:
+    """JSON keeps a diverged value as null; drawn as a gap."""
+    return [float("nan") if v is None or not math.isfinite(v) else float(v) for v in values]
+
+
+def _band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
+    """(mean, min, max) over seeds at each point, NaN where a seed has none."""
+    columns = list(zip(*curves))
+    mean = [statistics.fmean(c) if all(math.isfinite(v) for v in c) else float("nan") for c in columns]
+    low = [min(c) if all(math.isfinite(v) for v in c) else float("nan") for c in columns]
+    high = [max(c) if all(math.isfinite(v) for v in c) else float("nan") for c in columns]
+    return mean, low, high
 
 
 def _smooth(values: Sequence[float], width: int) -> list[float]:
@@ -189,55 +236,81 @@ def _smooth(values: Sequence[float], width: int) -> list[float]:
     return out
 
 
-def _style(i: int, method: str) -> dict[str, Any]:
-    # Methods can coincide (sgd and sgd-plateau until the first reduction): styles keep both visible.
-    return dict(color=f"C{i}", linestyle=LINESTYLES.get(method, "-"), linewidth=1.8 if method == "zenith" else 1.2)
+def _spread_note(seeds: int) -> str:
+    return f"mean of {seeds} seeds, band: min to max over the seeds" if seeds > 1 else "one seed"
+
+
+def _draw(ax, x, curves, style, k, count, label=None, markevery=None):
+    """The mean of ``curves`` (one per seed) with its min-max band when there are several."""
+    mean, low, high = _band(curves)
+    line, = ax.plot(x, mean, label=label, markevery=markevery or _marks(len(x), k, count), **style)
+    if len(curves) > 1:
+        ax.fill_between(x, low, high, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+    return line
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    """Three panels over steps: training loss, the evaluated metric, effective learning rate."""
+    """Three panels over steps: training loss, the evaluated metric, effective learning rate; the
+    legend below them."""
+    _save(curves_figure(results), path)
+
+
+def plot_sweep(results: dict[str, Any], path: Path) -> None:
+    """Two panels against the swept value: the final test metric of each method (the methods that do
+    not depend on it as horizontal lines), and ZENITH's final effective learning rate; bands are the
+    seeds' min to max; the legend below them."""
+    _save(sweep_figure(results), path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def curves_figure(results: dict[str, Any]):
+    """The figure :func:`plot_curves` saves."""
     plt = _pyplot()
     cfg = results["config"]
     text = results["metric"] == "final_test_bpb"
     to_bits = 1 / math.log(2) if text else 1.0
-    fig, (ax_loss, ax_eval, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.6))
+    runs = results["runs"]
+    styles = _styles(list(runs))
+    fig, (ax_loss, ax_eval, ax_lr) = plt.subplots(1, 3, figsize=(16, 5.2), layout="constrained")
     eval_key = "val_bpb" if text else "test_accuracy"
-    for i, (method, per_seed) in enumerate(results["runs"].items()):
-        style = _style(i, method)
+    handles = []
+    for k, (method, style) in enumerate(styles.items()):
+        per_seed = runs[method]
         first = per_seed[0]
-        steps = range(1, first["steps"] + 1)
-        loss = _mean_curve([[v * to_bits if math.isfinite(v) else float("nan") for v in r["train_loss"]]
-                            for r in per_seed])
+        steps = list(range(1, first["steps"] + 1))
         width = max(1, first.get("steps_per_epoch", first["steps"] // 20) // 2)
-        ax_loss.plot(steps, _smooth(loss, width), label=method, **style)
-        ax_eval.plot(first["evals"]["step"], _mean_curve([r["evals"][eval_key] for r in per_seed]),
-                     marker=".", markersize=4, label=method, **style)
-        lr = _mean_curve([r["effective_lr"] for r in per_seed])
+        losses = [_smooth([v * to_bits for v in _finite(r["train_loss"])], width) for r in per_seed]
+        _draw(ax_loss, steps, losses, style, k, len(styles))
+        evals = first["evals"]["step"]
+        _draw(ax_eval, evals, [_finite(r["evals"][eval_key]) for r in per_seed], style, k, len(styles),
+              markevery=_marks(len(evals), k, len(styles)) if len(evals) > 2 * MARKERS_PER_LINE else None)
+        rates = [[v if v > 0 else float("nan") for v in _finite(r["effective_lr"])] for r in per_seed]
         label = method + (f" ({ADAPTIVE[method]})" if method in ADAPTIVE else "")
-        ax_lr.plot(steps, [v if v > 0 else float("nan") for v in lr], label=label, **style)
+        handles.append(_draw(ax_lr, steps, rates, style, k, len(styles), label=label))
 
-    seeds = len(cfg["seeds"])
-    over = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+    spread = _spread_note(len(cfg["seeds"]))
     if text:
-        ax_loss.set(title="training loss, bits per byte" + over, xlabel="step")
-        ax_eval.set(title="validation bits per byte" + over, xlabel="step", ylim=_bpb_limits(results["runs"]))
-        ax_eval.legend(loc="upper right", fontsize=8)
+        ax_loss.set(title="training loss", ylabel="bits per byte (moving average)")
+        ax_eval.set(title="validation loss", ylabel="validation bits per byte (lower is better)",
+                    ylim=_bpb_limits(runs))
     else:
-        ax_loss.set(title="training loss" + over, xlabel="step", yscale="log")
-        ax_eval.set(title="test accuracy" + over + ", zoomed", xlabel="step",
-                    ylim=(_accuracy_floor(results["runs"]), 1.0))
-        ax_eval.legend(loc="lower right", fontsize=8)
-    low = min([cfg["lr"] * 1e-3] + ([cfg["adamw_lr"] * 0.05] if "adamw" in results["runs"] else []))
+        ax_loss.set(title="training loss", ylabel="cross-entropy, nats (moving average)", yscale="log")
+        ax_eval.set(title="test accuracy, zoomed on the second half", ylabel="test accuracy",
+                    ylim=(_accuracy_floor(runs), 1.0))
+    low = min([cfg["lr"] * 1e-3] + ([cfg["adamw_lr"] * 0.05] if "adamw" in runs else []))
     # Cosine ends near 0 and Prodigy starts at d0 = 1e-6; neither end is worth six decades of axis.
-    ax_lr.set(title="effective learning rate (ZENITH: lr × lr_scale)", xlabel="step", yscale="log",
+    ax_lr.set(title="effective learning rate", ylabel="learning rate (ZENITH: η0 × lr_scale)", yscale="log",
               ylim=(low, cfg["lr"] * 2))
     for ax in (ax_loss, ax_eval, ax_lr):
+        ax.set_xlabel("optimizer step")
         ax.grid(True, alpha=0.3)
-    ax_lr.legend(loc="lower left", fontsize=8)
-    fig.suptitle(_title(results), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.suptitle(f"{_title(results)}\n{spread}", fontsize=10)
+    return fig
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -254,7 +327,8 @@ def _title(results: dict[str, Any]) -> str:
 def _bpb_limits(runs: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
     """From below the best to a little above the worst value after the first evaluations (the
     untrained model's 8 bits per byte would flatten the rest)."""
-    late = [v for per_seed in runs.values() for r in per_seed for v in r["evals"]["val_bpb"][2:] if math.isfinite(v)]
+    late = [v for per_seed in runs.values() for r in per_seed for v in _finite(r["evals"]["val_bpb"][2:])
+            if math.isfinite(v)]
     if not late:
         return (0.0, 8.5)
     return (max(0.0, min(late) - 0.2), max(late) + 0.3)
@@ -264,63 +338,74 @@ def _accuracy_floor(runs: dict[str, list[dict[str, Any]]]) -> float:
     """A lower y-limit that shows the differences of the second half of training, where the methods
     are within a few test images of each other (the first epochs then leave the panel)."""
     late = [acc for per_seed in runs.values() for r in per_seed
-            for acc in r["evals"]["test_accuracy"][len(r["evals"]["test_accuracy"]) // 2:]]
-    worst = min(late)
+            for acc in _finite(r["evals"]["test_accuracy"][len(r["evals"]["test_accuracy"]) // 2:])
+            if math.isfinite(acc)]
+    worst = min(late, default=0.0)
     return max(0.0, worst - 2 * (1.0 - worst))
 
 
-def plot_sweep(results: dict[str, Any], path: Path) -> None:
-    """The final test metric against the swept value, one line per method with its seed range
-    (min to max), the methods that do not depend on it as horizontal bands, and ZENITH's final
-    effective learning rate on a second axis."""
+def sweep_figure(results: dict[str, Any]):
+    """The figure :func:`plot_sweep` saves."""
     plt = _pyplot()
     sweep = results["sweep"]
     name, flag = SWEEP_NAMES[sweep["parameter"]]
     metric = sweep["metric"]
     values = sweep["values"]
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    for i, (method, entry) in enumerate(sweep["methods"].items()):
-        style = _style(i, method)
+    methods = sweep["methods"]
+    styles = _styles(list(methods))
+    zenith = methods.get("zenith")
+    with_lr = zenith is not None and zenith["depends"]
+    fig, axes = plt.subplots(1, 2 if with_lr else 1, figsize=(13 if with_lr else 7.5, 5), layout="constrained",
+                             squeeze=False)
+    ax = axes[0][0]
+    handles = []
+    for k, (method, style) in enumerate(styles.items()):
+        entry = methods[method]
         if not entry["depends"]:
             ref = entry["reference"][metric]
-            ax.axhline(ref["mean"], label=f"{method} (one run, any {name})", **{**style, "linestyle": ":"})
-            ax.axhspan(min(ref["values"]), max(ref["values"]), color=style["color"], alpha=0.08)
+            line = ax.axhline(ref["mean"], label=f"{method} (one run, any {name})",
+                              **{**style, "marker": None, "linewidth": 1.2})
+            if len(ref["values"]) > 1:
+                # Dotted edges rather than a fill: the bands of references near one value would merge.
+                for edge in (min(ref["values"]), max(ref["values"])):
+                    ax.axhline(edge, color=style["color"], linestyle=(0, (1, 3)), linewidth=0.8)
+            handles.append(line)
             continue
-        fields = [p[metric] for p in entry["points"]]
-        ax.plot(values, [f["mean"] for f in fields], marker="o", markersize=4, label=method, **style)
-        ax.fill_between(values, [min(f["values"]) for f in fields], [max(f["values"]) for f in fields],
-                        color=style["color"], alpha=0.15)
+        per_seed = [list(seed) for seed in zip(*(_finite(p[metric]["values"]) for p in entry["points"]))]
+        handles.append(_draw(ax, values, per_seed, style, k, len(styles), label=method, markevery=1))
     ax.set(xscale="log", xlabel=f"{name} ({flag})", ylabel=METRIC_NAMES[metric]
-           + (" (lower is better)" if metric == "final_test_bpb" else ""))
-    ax.grid(True, alpha=0.3)
-    ax.set_xticks(values, [f"{v:g}" for v in values])
-    ax.minorticks_off()
-
-    zenith = sweep["methods"].get("zenith")
-    handles, labels = ax.get_legend_handles_labels()
-    if zenith is not None and zenith["depends"]:
-        ax_lr = ax.twinx()
-        lrs = [p["final_lr"] for p in zenith["points"]]
-        line, = ax_lr.plot(values, [f["mean"] for f in lrs], color="black", marker="s", markersize=4,
-                           linestyle="--", linewidth=1, label="ZENITH final lr (η0 × lr_scale), right axis")
-        ax_lr.fill_between(values, [min(f["values"]) for f in lrs], [max(f["values"]) for f in lrs],
-                           color="black", alpha=0.08)
-        handles.append(line)
-        labels.append(line.get_label())
+           + (" (lower is better)" if metric == "final_test_bpb" else ""), title=METRIC_NAMES[metric])
+    panels = [ax]
+    if with_lr:
+        ax_lr = axes[0][1]
+        per_seed = [list(seed) for seed in zip(*(_finite(p["final_lr"]["values"]) for p in zenith["points"]))]
+        _draw(ax_lr, values, per_seed, styles["zenith"], 0, 1, markevery=1)
+        # η0 for scale, named on the panel itself: the figure's legend is for the methods.
+        reference = dict(color="black", linestyle=(0, (1, 2)), linewidth=1)
         if sweep["parameter"] == "lr":
-            diagonal, = ax_lr.plot(values, values, color="gray", linestyle=":", linewidth=1,
-                                   label="η0 itself, right axis")
-            handles.append(diagonal)
-            labels.append(diagonal.get_label())
-        ax_lr.set(yscale="log", ylabel="ZENITH's final effective learning rate")
-    seeds = results["config"]["seeds"]
-    spread = f"mean of {len(seeds)} seeds, band: min to max" if len(seeds) > 1 else "one seed"
-    ax.legend(handles, labels, fontsize=8, loc="best")
-    ax.set_title(f"{METRIC_NAMES[metric]} against {name} ({spread})", fontsize=10)
-    fig.suptitle(_title(results), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax_lr.plot(values, values, **reference)
+            middle = values[len(values) // 2]
+            ax_lr.annotate("η0 itself", (middle, middle), xytext=(-6, 4), textcoords="offset points",
+                           ha="right", va="bottom", fontsize=9)
+        else:
+            eta0 = results["config"]["lr"]
+            ax_lr.axhline(eta0, **reference)
+            ax_lr.annotate(f"η0 = {eta0:g}", (values[0], eta0), xytext=(2, -4), textcoords="offset points",
+                           ha="left", va="top", fontsize=9)
+        ax_lr.set(xscale="log", yscale="log", xlabel=f"{name} ({flag})",
+                  ylabel="ZENITH's final learning rate, η0 × lr_scale", title="ZENITH's final learning rate")
+        panels.append(ax_lr)
+    for panel in panels:
+        panel.grid(True, alpha=0.3)
+        panel.set_xticks(values, [f"{v:g}" for v in values])
+        panel.minorticks_off()
+    if any(not entry["depends"] for entry in methods.values()) and len(results["config"]["seeds"]) > 1:
+        handles.append(ax.plot([], [], color="gray", linestyle=(0, (1, 3)), linewidth=0.8,
+                               label="a reference's min and max over the seeds")[0])
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles) if len(handles) <= 4 else 3, fontsize=9,
+               frameon=False)
+    fig.suptitle(f"{_title(results)}\n{_spread_note(len(results['config']['seeds']))}", fontsize=10)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -330,11 +415,56 @@ def write_outputs(results: dict[str, Any], table: str, out: Path, plot_path: Pat
     with open(out / "results.json", "w", encoding="utf-8") as f:
         # NaN/inf (a diverged run) are written as null: strict JSON readers reject the bare tokens.
         json.dump(_json_safe(results), f, separators=(",", ":"))
-    if "sweep" in results:
-        plot_sweep(results, plot_path)
-    else:
-        plot_curves(results, plot_path)
+    picture(results, plot_path)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
+
+
+def picture(results: dict[str, Any], path: Path) -> None:
+    """The picture of ``results`` at ``path``: curves for a comparison, the sweep's panels for a sweep."""
+    if "sweep" in results:
+        plot_sweep(results, path)
+    else:
+        plot_curves(results, path)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A ``results.json``, in the current layout: files written before the command logged ``"evals"``
+    (bench/results/train-digits-cpu-2026-11-29.json) kept them under ``"epochs"``, with no ``"metric"``."""
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    results.setdefault("metric", "final_test_accuracy")
+    for per_seed in results["runs"].values():
+        for run in per_seed:
+            if "evals" not in run and isinstance(run.get("epochs"), dict):
+                run["evals"] = run.pop("epochs")
+    return results
+
+
+def redraw(results_path: Path, picture_path: Path | None = None) -> Path:
+    """Draw the picture of a saved run again from its JSON (by default next to it, ``.png``)."""
+    results_path = Path(results_path)
+    picture_path = Path(picture_path) if picture_path is not None else results_path.with_suffix(".png")
+    picture(load_results(results_path), picture_path)
+    return picture_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m zenith_fused.train.report RESULTS.json [PICTURE.png]``: redraw a saved run's picture."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m zenith_fused.train.report",
+                                     description="Draw the picture of a saved run again from its results.json, "
+                                                 "and print its table.")
+    parser.add_argument("results", type=Path, help="a results.json written by python -m zenith_fused.train")
+    parser.add_argument("picture", type=Path, nargs="?", default=None,
+                        help="where to draw it (default: the JSON's path with .png)")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        parser.error(f"{args.results}: no such file")
+    path = redraw(args.results, args.picture)
+    print(format_results(load_results(args.results)))
+    print(f"wrote {path}")
+    return 0
 
 
 def _json_safe(obj: Any) -> Any:
@@ -345,3 +475,7 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
