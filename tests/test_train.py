@@ -189,7 +189,7 @@ def test_module_runs_as_a_script():
     proc = subprocess.run([sys.executable, "-m", "zenith_fused.train", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "--dataset {digits,mnist,cifar10,stdlib-text}" in proc.stdout
+    assert "--dataset {digits,mnist,cifar10,stdlib-text,mnist1d}" in proc.stdout
     assert "--lr-sweep LR [LR ...]" in proc.stdout and "--window-sweep W [W ...]" in proc.stdout
 
 
@@ -652,3 +652,17 @@ def test_report_module_redraws_a_saved_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "w.png").read_bytes()[:8] == PNG
     assert "| W | zenith | sgd (one run, any W) | sgd-cosine (one run, any W) | ZENITH final lr |" in proc.stdout
+
+
+def test_sweep_figure_writes_a_diverged_bits_per_byte_at_the_top_instead_of_rescaling():
+    from zenith_fused.train import report
+
+    results = report.load_results(_RESULTS / "train-window-sweep-stdlib-text-cpu-2026-12-03.json")
+    results["sweep"]["methods"]["zenith"]["points"][0]["final_test_bpb"]["mean"] = 6370.0
+    fig = report.sweep_figure(results)
+    try:
+        metric = fig.axes[0]
+        assert metric.get_ylim()[1] == report.BPB_CEILING and metric.get_ylim()[0] > 0
+        assert [t.get_text() for t in metric.texts] == ["zenith ↑ 6.37e+03"]
+    finally:
+        __import__("matplotlib.pyplot").pyplot.close(fig)

@@ -313,6 +313,28 @@ def curves_figure(results: dict[str, Any]):
     return fig
 
 
+# Bits per byte above this are worse than a uniform guess (8 bits): a diverged run, whose thousands
+# would flatten every other point; such points are written at the panel's top edge instead.
+BPB_CEILING = 9.0
+
+
+def _cap_bpb(ax, values: Sequence[float], methods: dict[str, Any], metric: str, styles: dict[str, Any]) -> None:
+    means = {method: ([p[metric]["mean"] for p in entry["points"]] if entry["depends"]
+                      else [entry["reference"][metric]["mean"]])
+             for method, entry in methods.items()}
+    kept = [m for ms in means.values() for m in ms if m is not None and math.isfinite(m) and m <= BPB_CEILING]
+    highs = [(method, value, mean) for method, entry in methods.items() if entry["depends"]
+             for value, mean in zip(values, means[method]) if mean is not None and mean > BPB_CEILING]
+    if not highs:
+        return
+    ax.set_ylim(max(0.0, min(kept, default=BPB_CEILING - 1) - 0.3), BPB_CEILING)
+    stacked: dict[float, int] = {}
+    for method, value, mean in highs:
+        row = stacked[value] = stacked.get(value, -1) + 1
+        ax.annotate(f"{method} ↑ {mean:.3g}", (value, BPB_CEILING), xytext=(-4, -6 - 12 * row),
+                    textcoords="offset points", ha="right", va="top", fontsize=8, color=styles[method]["color"])
+
+
 def _title(results: dict[str, Any]) -> str:
     cfg, env = results["config"], results["environment"]
     length = f"{cfg['steps']} steps" if "steps" in cfg else f"{cfg['epochs']} epochs"
@@ -375,6 +397,8 @@ def sweep_figure(results: dict[str, Any]):
         handles.append(_draw(ax, values, per_seed, style, k, len(styles), label=method, markevery=1))
     ax.set(xscale="log", xlabel=f"{name} ({flag})", ylabel=METRIC_NAMES[metric]
            + (" (lower is better)" if metric == "final_test_bpb" else ""), title=METRIC_NAMES[metric])
+    if metric == "final_test_bpb":
+        _cap_bpb(ax, values, methods, metric, styles)
     panels = [ax]
     if with_lr:
         ax_lr = axes[0][1]
