@@ -199,3 +199,89 @@ def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int =
                           for i in where)
         raise AssertionError(f"{msg}: {int(bad.sum())} of {actual.numel()} {actual.dtype} values differ by more "
                              f"than {ulps} ulp(s) (max {int(distance.max())}): {shown}")
+
+
+# ------------------------------------------------------------------ op-level harness
+# tests/test_engines.py and tests/test_cpu_kernels.py call the engines the way the step plan
+# does (zenith_fused/_plan.py): a BucketPlan filled with the tensors, its tables built by
+# zenith_fused._table for a table-reading engine, and the three engine calls.
+def engine_bucket(engine, device, dtype, params, grads, buffers, steps, slots, group_hyperparams):
+    """A ``BucketPlan`` of ``engine`` holding these tensors, as ``StepPlan._prepare`` fills one:
+    for a fused engine the tensor table (chunks of ``engine.chunk_size(device)``), the
+    hyper-parameter table and ``lr_ptrs`` (a tensor lr of the compute dtype on ``device`` is read
+    through its address; another one is copied into its cell, see :func:`engine_momentum_update`),
+    and a NaN-filled ``partials`` of one slot per chunk (per tensor for the reference). The bucket
+    holds every tensor the tables point at."""
+    from zenith_fused import _table
+    from zenith_fused._plan import BucketPlan, hyperparam_row
+    from zenith_fused.layout import LR
+    from zenith_fused.reference import compute_dtype
+
+    device = torch.device(device)
+    bucket = BucketPlan(device, dtype, engine.name, engine)
+    bucket.params, bucket.grads = list(params), list(grads)
+    bucket.momentum_buffers, bucket.momentum_steps = list(buffers), list(steps)
+    bucket.hyperparam_slots = list(slots)
+    bucket.group_indices = list(range(len(group_hyperparams)))
+    bucket.group_hyperparams = list(group_hyperparams)
+    if engine.uses_table:
+        bucket.table = _table.build_tensor_table(
+            bucket.params, bucket.grads, bucket.momentum_buffers, bucket.momentum_steps, bucket.hyperparam_slots,
+            chunk_size=engine.chunk_size(device),
+            placeholder_step=torch.zeros((), dtype=torch.int64, device=device),
+        )
+        compute = compute_dtype(dtype)
+        readable = {
+            slot: hp.lr.data_ptr() for slot, hp in enumerate(group_hyperparams)
+            if isinstance(hp.lr, torch.Tensor) and hp.lr.dtype == compute and hp.lr.device == device
+        }
+        rows = [hyperparam_row(hp) for hp in group_hyperparams]
+        bucket.hyperparams, bucket.lr_ptrs = _table.hyperparam_table(rows, compute, device, readable)
+        bucket.lr_copies = [
+            (bucket.hyperparams[slot, LR], hp.lr) for slot, hp in enumerate(group_hyperparams)
+            if isinstance(hp.lr, torch.Tensor) and slot not in readable
+        ]
+    bucket.partials = torch.full((bucket.num_partials,), float("nan"), device=device)
+    return bucket
+
+
+def step_view(device, *, lr_scale=0.7312345, step=5, applied=1, grad_multiplier=1.0):
+    """The history values an update reads (``StepView``), as 0-dim tensors on ``device``."""
+    from zenith_fused._plan import StepView
+
+    return StepView(
+        lr_scale=torch.tensor(lr_scale, dtype=torch.float32, device=device),
+        step=torch.tensor(step, dtype=torch.int64, device=device),
+        step_applied=torch.tensor(applied, dtype=torch.int32, device=device),
+        grad_multiplier=torch.tensor(grad_multiplier, dtype=torch.float32, device=device),
+    )
+
+
+def engine_momentum_update(bucket, view) -> None:
+    """The update as ``_plan.run_step`` makes it: tensor lrs the kernels cannot read in place
+    copied into their cells, then the engine's call."""
+    for cell, lr in bucket.lr_copies:
+        cell.copy_(lr.reshape(()))
+    bucket.engine.momentum_update(bucket, view)
+
+
+def special_values(dtype, n, gen, *, denormals: bool = True) -> torch.Tensor:
+    """n values of ``dtype``: random normal ones, with NaNs of either sign and of several payloads,
+    infinities, zeros of both signs, denormals (unless told not to) and the largest finite values
+    at random places in the first half, and the second half (one vector block and more) without
+    any of them."""
+    info = torch.finfo(dtype)
+    bits_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    nans = torch.tensor([0x7FC0, 0x7F81, 0xFFC1, 0x7FFF] if dtype == torch.bfloat16 else
+                        [0x7E00, 0x7C01, 0xFE01, 0x7FFF] if dtype == torch.float16 else
+                        [0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF], dtype=torch.int64)
+    nans = torch.where(nans >= 2 ** (info.bits - 1), nans - 2**info.bits, nans).to(bits_dtype).view(dtype)
+    tiny = info.smallest_normal
+    others = [float("inf"), -float("inf"), 0.0, -0.0, info.max, -info.max]
+    if denormals:
+        others += [tiny / 2, -tiny / 4, tiny / 64, tiny * 0.999]
+    specials = torch.cat([nans, torch.tensor(others, dtype=dtype)])
+    values = torch.randn(n, generator=gen).to(dtype)
+    where = torch.randint(0, n // 2, (3 * len(specials),), generator=gen)
+    values[where] = specials.repeat(3)
+    return values
