@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .methods import TrainConfig, host_lr, make_optimizer
+from .methods import PlateauAfterWarmup, TrainConfig, host_lr, make_optimizer
 
 __all__ = ["Task", "RunSpec", "StepTimer", "train_run", "run_all"]
 
@@ -127,6 +127,8 @@ def train_run(method: str, task: Task, cfg: TrainConfig, init_state: dict[str, T
             step_callback(opt, step)
         if scheduler is not None and not plateau:
             scheduler.step()
+        elif isinstance(scheduler, PlateauAfterWarmup):
+            scheduler.warmup_step()
         done = step + 1
         if done in eval_after:
             measured = task.evaluate(model)

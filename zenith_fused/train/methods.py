@@ -9,8 +9,9 @@ import torch
 
 from zenith_fused import ZenithFused
 
-__all__ = ["TrainConfig", "METHODS", "BASE_METHODS", "LR_FREE", "make_optimizer", "lr_free_available",
-           "default_methods", "depends_on", "host_lr", "lr_free_install_hint"]
+__all__ = ["TrainConfig", "METHODS", "BASE_METHODS", "LR_FREE", "WARMUP_CONSTANT", "make_optimizer",
+           "lr_free_available", "default_methods", "depends_on", "host_lr", "lr_free_install_hint",
+           "linear_warmup", "PlateauAfterWarmup"]
 
 # Learning-rate-free optimizers in order of preference: (method name, module, class, package).
 LR_FREE = (
@@ -18,7 +19,10 @@ LR_FREE = (
     ("dadapt-sgd", "dadaptation", "DAdaptSGD", "dadaptation"),
 )
 BASE_METHODS = ("zenith", "sgd", "sgd-cosine", "sgd-plateau")
-METHODS = BASE_METHODS + ("adamw",) + tuple(name for name, *_ in LR_FREE)
+# SGD with momentum, a linear warmup over --warmup-steps, then the constant rate: ZENITH's warmup
+# without its decay. It needs --warmup-steps (without, it is `sgd`), and joins the defaults with it.
+WARMUP_CONSTANT = "warmup+constant"
+METHODS = BASE_METHODS + (WARMUP_CONSTANT, "adamw") + tuple(name for name, *_ in LR_FREE)
 SGD_MOMENTUM = 0.9  # the baselines use ZenithFused's default momentum
 PLATEAU = dict(mode="min", factor=0.1, patience=3)
 ADAMW_WARMUP_FRACTION = 0.05  # of all steps, then cosine to 0
@@ -26,7 +30,7 @@ ADAMW_WARMUP_FRACTION = 0.05  # of all steps, then cosine to 0
 # The methods whose run changes with each swept parameter; the others run once per seed and are
 # drawn as a reference.
 _DEPENDS = {
-    "lr": frozenset({"zenith", "sgd", "sgd-cosine", "sgd-plateau"}),
+    "lr": frozenset({"zenith", "sgd", "sgd-cosine", "sgd-plateau", WARMUP_CONSTANT}),
     "window_size": frozenset({"zenith"}),
 }
 
@@ -41,6 +45,9 @@ class TrainConfig:
     adamw_lr: float = 3e-3
     adamw_weight_decay: float = 0.01  # torch's default; --weight-decay is the other methods' L2
     window_size: int = 100
+    # K: ZENITH's warmup_steps, and a linear warmup over the same K steps for every other method
+    # but `sgd` (the constant rate without warmup, to show what the warmup alone buys).
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     device: str = "cpu"
     backend: str = "auto"
@@ -89,26 +96,80 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def linear_warmup(warmup: int):
+    """The multiplier of ``LambdaLR`` at each step: ``t / warmup`` at step ``t = 1 .. warmup``
+    (ZENITH's warmup), then 1."""
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return factor
+
+
+class PlateauAfterWarmup(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """``ReduceLROnPlateau`` after a linear warmup over ``warmup`` steps.
+
+    :meth:`warmup_step`, after every optimizer step, sets the rate of the next step as
+    :func:`linear_warmup` does; :meth:`step` (the evaluations) counts only once the warmup is over,
+    so a reduction never lands inside the ramp.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, **kwargs) -> None:
+        self.warmup = warmup
+        self.steps_taken = 0
+        self.peak_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._set_warmup_lrs(optimizer)
+        super().__init__(optimizer, **kwargs)
+
+    def _set_warmup_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        factor = linear_warmup(self.warmup)(self.steps_taken)
+        for group, peak in zip(optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * factor
+
+    def warmup_step(self) -> None:
+        if self.steps_taken < self.warmup:
+            self.steps_taken += 1
+            self._set_warmup_lrs(self.optimizer)
+
+    def step(self, metrics, epoch=None) -> None:  # type: ignore[override]
+        if self.steps_taken >= self.warmup:
+            super().step(metrics, epoch)
+
+
 def make_optimizer(method: str, params, cfg: TrainConfig, total_steps: int):
     """(optimizer, scheduler or None) for ``method``.
 
     Every scheduler but ``ReduceLROnPlateau`` (stepped on the validation loss at each evaluation)
-    is stepped after every optimizer step.
+    is stepped after every optimizer step; :class:`PlateauAfterWarmup` is stepped at both.
+    With ``cfg.warmup_steps = K > 0`` ZENITH gets ``warmup_steps=K`` and every other method but
+    ``sgd`` a linear warmup over the same K steps: AdamW's replaces its 5 %, cosine decays over the
+    steps after K, the plateau rule starts after K.
     """
     params = list(params)
+    warmup = cfg.warmup_steps
     if method == "zenith":
+        # K = 0 is the optimizer's default; passing it only when set keeps releases before the
+        # option usable for every other run.
+        extra = {"warmup_steps": warmup} if warmup else {}
         return ZenithFused(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           window_size=cfg.window_size, backend=cfg.backend), None
-    if method in ("sgd", "sgd-cosine", "sgd-plateau"):
+                           window_size=cfg.window_size, backend=cfg.backend, **extra), None
+    if method in ("sgd", "sgd-cosine", "sgd-plateau", WARMUP_CONSTANT):
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=SGD_MOMENTUM, weight_decay=cfg.weight_decay)
         if method == "sgd-cosine":
+            if warmup:
+                return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps))
             return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
         if method == "sgd-plateau":
+            if warmup:
+                return opt, PlateauAfterWarmup(opt, warmup, **PLATEAU)
             return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, **PLATEAU)
+        if method == WARMUP_CONSTANT:
+            if not warmup:
+                raise ValueError(f"method {WARMUP_CONSTANT!r} needs warmup_steps > 0 (without, it is 'sgd')")
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(warmup))
         return opt, None
     if method == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.adamw_lr, weight_decay=cfg.adamw_weight_decay)
-        warmup = max(1, round(ADAMW_WARMUP_FRACTION * total_steps))
+        if not warmup:
+            warmup = max(1, round(ADAMW_WARMUP_FRACTION * total_steps))
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total_steps))
     for name, module, cls, package in LR_FREE:
         if method == name:
@@ -120,7 +181,12 @@ def make_optimizer(method: str, params, cfg: TrainConfig, total_steps: int):
             kwargs = dict(lr=1.0, weight_decay=cfg.weight_decay)
             if name == "dadapt-sgd":
                 kwargs["momentum"] = SGD_MOMENTUM
-            return optimizer_cls(params, **kwargs), None
+            if not warmup:
+                return optimizer_cls(params, **kwargs), None
+            if name == "prodigy":
+                kwargs["safeguard_warmup"] = True  # what Prodigy's authors advise with a warmup
+            opt = optimizer_cls(params, **kwargs)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(warmup))
     raise ValueError(f"Unknown method: {method!r}; expected one of {METHODS}")
 
 
