@@ -219,9 +219,10 @@ def test_split_does_not_follow_the_seeds(quick_run, cache, tmp_path):
 
 
 def test_warmup_steps_reach_zenith_and_the_baselines(cache, tmp_path):
-    results, _ = _command(tmp_path, ["--dataset", "mnist1d", "--quick", "--epochs", "1", "--warmup-steps", "20",
-                                     "--data-dir", str(cache)])
+    results, out = _command(tmp_path, ["--dataset", "mnist1d", "--quick", "--epochs", "1", "--warmup-steps", "20",
+                                       "--data-dir", str(cache)])
     assert results["config"]["warmup_steps"] == 20
+    assert "warmup: K = 20 steps: ZENITH's warmup_steps" in (out / "table.md").read_text(encoding="utf-8")
     runs = {method: per_seed[0] for method, per_seed in results["runs"].items()}
     assert list(runs)[:3] == ["zenith", "sgd", methods.WARMUP_CONSTANT]
     ramp = [0.1 * t / 20 for t in range(1, 21)]

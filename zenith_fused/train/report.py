@@ -108,6 +108,16 @@ _TIME_LINE = ("wall time: seconds of one run, training and its evaluations; opti
               "spent inside optimizer.step() in that run (host time on the CPU, CUDA events on a GPU).")
 
 
+def _warmup_lines(results: dict[str, Any]) -> list[str]:
+    """What --warmup-steps K did, when it was given (older JSON has no warmup_steps: K = 0)."""
+    warmup = results["config"].get("warmup_steps", 0)
+    if not warmup:
+        return []
+    return [f"warmup: K = {warmup} steps: ZENITH's warmup_steps, and a linear warmup over the same K steps for "
+            "every other method but sgd (the constant rate without warmup); warmup+constant is SGD with that "
+            "warmup and then the constant rate."]
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The printed and saved table, with its caption."""
     if "sweep" in results:
@@ -122,7 +132,7 @@ def format_results(results: dict[str, Any]) -> str:
     for method, fields in summary.items():
         cells = [_cell(fields, key, fmt, seeds) for _, key, fmt in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    caption = [_spread_line(results), _metric_line(results), _TIME_LINE]
+    caption = [_spread_line(results), _metric_line(results), _TIME_LINE, *_warmup_lines(results)]
     if text:
         caption.append("final lr: the learning rate of the last step (ZENITH: η0 × lr_scale; AdamW's is an Adam "
                        "step size, on another scale).")
@@ -157,6 +167,7 @@ def format_sweep(results: dict[str, Any]) -> str:
         f"{METRIC_NAMES[sweep['metric']]} against {name} ({flag}; {other}). {_spread_line(results)}",
         _metric_line(results),
         "ZENITH final lr: η0 × lr_scale after the last step, the rate it ended at.",
+        *_warmup_lines(results),
         f"Per-run times are in results.json (wall_time_s, optimizer_step_time_s); the whole sweep took "
         f"{results['total_time_s']:.0f} s.",
     ]
@@ -172,6 +183,7 @@ METHOD_STYLES = {
     "sgd": dict(color="C1", linestyle=(0, (6, 2)), marker="s"),
     "sgd-cosine": dict(color="C2", linestyle="-.", marker="^"),
     "sgd-plateau": dict(color="C3", linestyle=(0, (1, 1.5)), marker="v"),
+    "warmup+constant": dict(color="C8", linestyle=(0, (2, 2)), marker="h"),
     "adamw": dict(color="C4", linestyle=(0, (4, 1, 1, 1, 1, 1)), marker="D"),
     "prodigy": dict(color="C5", linestyle=(0, (3, 1.5, 1, 1.5)), marker="P"),
     "dadapt-sgd": dict(color="C6", linestyle=(0, (3, 1.5, 1, 1.5)), marker="X"),
@@ -342,6 +354,8 @@ def _title(results: dict[str, Any]) -> str:
     swept = results.get("sweep", {}).get("parameter")
     lr = "η0 swept" if swept == "lr" else f"lr {cfg['lr']}"
     window = "W swept" if swept == "window_size" else f"W {cfg['window_size']}"
+    if cfg.get("warmup_steps"):
+        window += f", warmup {cfg['warmup_steps']} steps"
     return (f"{results['dataset']['name']}: {length}, batch {cfg['batch_size']}, {lr}{adamw}, {window}, "
             f"weight decay {cfg['weight_decay']} — torch {env['torch']} on {env['device']}")
 
