@@ -2,8 +2,8 @@
 
 Each spawned test runs several checks in one pair of workers (starting them costs seconds); a
 failing assertion in a worker fails the test with the worker's traceback, and a worker that hangs
-is killed after ``SPAWN_TIMEOUT_S``. The DDP/FSDP2 code is the README's "Distributed training"
-blocks, executed here, so the README shows what is tested.
+is killed after ``SPAWN_TIMEOUT_S``. The DDP/FSDP2 code is the blocks of docs/distributed.md,
+executed here, so the docs show what is tested.
 
 Tolerances: float32 throughout. The distributed runs differ from the single process only in the
 order of float32 sums (the gradient averaged over two half-batches instead of one mean over the
@@ -39,7 +39,7 @@ COLLECTIVE_TIMEOUT_S = 60
 STEPS = 10
 WINDOW = 3  # wraps three times in STEPS
 TOL = dict(atol=1e-5, rtol=1e-5)
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 
 def backends() -> list:
@@ -53,7 +53,7 @@ def backends() -> list:
 
 # ---------------------------------------------------------------------- the README's code
 def readme_code() -> dict:
-    """The README's distributed-training blocks, executed (``__main__`` guard not taken)."""
+    """docs/distributed.md's code blocks, executed (``__main__`` guard not taken)."""
     text = README.read_text()
     section = text[text.index("<!-- distributed:start -->"):text.index("<!-- distributed:end -->")]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
