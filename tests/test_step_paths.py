@@ -206,3 +206,19 @@ def test_the_traced_step_op_keeps_no_optimizer_alive():
     gc.collect()
     assert ref() is None
     assert handle not in _traced._STEPS
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_gradient_freed_then_absent_is_not_taken_for_the_old_one(backend):
+    """The plan holds gradients weakly: a gradient that was freed and is now None must not look
+    like "unchanged" (a dead weak reference also gives None)."""
+    skip_if_unavailable(backend)
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    opt = ZenithFused([a, b], lr=0.1, momentum=0.0, window_size=2, backend=backend)
+    a.grad, b.grad = torch.full((3,), 2.0), torch.full((2,), 2.0)
+    opt.step()
+    a.grad, b.grad = torch.full((3,), 1.0), None  # b's old gradient is freed here
+    before = b.detach().clone()
+    opt.step()
+    assert opt.grad_norm.item() == pytest.approx(3**0.5)
+    assert torch.equal(b.detach(), before)

@@ -24,7 +24,7 @@ matters is bytes in flight per SM (Little's law: bandwidth x memory latency), no
   partials and a window of a few hundred norms; 1024 lanes over 4 warps does it in a few loop
   trips with a short reduction tree.
 
-These values are reasoned, not yet measured: ``bench/gpu_checks.py --bandwidth`` measures the
+These values are reasoned, not yet measured: ``bench/gpu_checks.py bandwidth`` measures the
 achieved bandwidth per kernel on the first GPU we are lent.
 
 The CPU interpreter (``TRITON_INTERPRET=1``) runs each program in Python with numpy; small blocks

@@ -55,6 +55,11 @@ def _weak(t: Tensor | None):
     return _no_grad if t is None else weakref.ref(t)
 
 
+def _weak_refs(grads: list, absent: list[int]) -> list:
+    """Weak references to ``grads`` (``_no_grad`` for an absent one); one C-level pass when none is."""
+    return list(map(weakref.ref, grads)) if not absent else list(map(_weak, grads))
+
+
 @dataclass
 class StepView:
     """The history values the update reads, on the bucket's device."""
@@ -295,7 +300,7 @@ class StepPlan:
             self.history_engine = history_buckets[0].engine
         else:
             self.history_engine = backends.engine(_history_backend(self.history_device))
-        self.grad_refs = list(map(_weak, grads))
+        self.grad_refs = _weak_refs(grads, self.absent)
         # Buckets whose engine reads the gradients themselves, not the tables' addresses.
         self.untabled = [b for b in self.buckets if b.table is None]
 
@@ -381,7 +386,11 @@ class StepPlan:
         if list(map(_address_of, self.storage)) != self.addresses:
             return False
         grads = list(map(_grad_of, self.all_params))
-        if all(map(operator.is_, grads, [ref() for ref in self.grad_refs])):
+        # A gradient that died since (its weak reference now gives None) and is absent now looks
+        # the same as one absent all along: the count of absent ones tells them apart.
+        if all(map(operator.is_, grads, [ref() for ref in self.grad_refs])) and sum(
+            map(operator.is_, grads, repeat(None))
+        ) == len(self.absent):
             for bucket in self.untabled:
                 bucket.grads = self._bucket_grads(bucket, grads)
             return True
@@ -406,10 +415,11 @@ class StepPlan:
                 return False
         elif any(map(operator.is_, grads, repeat(None))):
             return False
+        present = [g for g in grads if g is not None] if self.absent else grads
+        if any(map(_is_sparse, present)):
+            return False
         replaced = []
         for bucket in self.buckets:
-            if any(map(_is_sparse, (grads[i] for i in bucket.flat_indices))):
-                return False
             new = self._bucket_grads(bucket, grads)
             # Contiguous parameters take contiguous gradients (the common case, one cheap call
             # each); otherwise the fused kernels need the parameter's own strides.
@@ -422,7 +432,7 @@ class StepPlan:
             bucket.grads = new
             if bucket.table is not None:
                 bucket.table.set_grads(new)
-        self.grad_refs = list(map(_weak, grads))
+        self.grad_refs = _weak_refs(grads, self.absent)
         return True
 
     def release_grads(self) -> None:

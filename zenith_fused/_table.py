@@ -75,9 +75,11 @@ class TensorTable:
         host = self.host_tensors
         addresses = list(map(Tensor.data_ptr, grads))
         host[:, GRAD] = torch.tensor(addresses, dtype=torch.int64)
-        self.aligned_flags = [o and a % VECTOR_ALIGNMENT == 0 for o, a in zip(self.others_aligned, addresses)]
-        self._any_aligned = any(self.aligned_flags)
-        host[:, ALIGNED] = torch.tensor(self.aligned_flags, dtype=torch.int64)
+        flags = [o and not a % VECTOR_ALIGNMENT for o, a in zip(self.others_aligned, addresses)]
+        if flags != self.aligned_flags:  # rare: a gradient moved across a 16-byte boundary
+            self.aligned_flags = flags
+            self._any_aligned = any(flags)
+            host[:, ALIGNED] = torch.tensor(flags, dtype=torch.int64)
         if self.tensors is not host:
             self.tensors.copy_(host.pin_memory(), non_blocking=True)
 

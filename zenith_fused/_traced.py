@@ -21,14 +21,17 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-_STEPS: dict[int, weakref.WeakMethod] = {}
+_STEPS: dict[int, tuple[weakref.ref, Callable[..., None]]] = {}
 _handles = itertools.count()
 
 
 def register(step: Callable[..., None]) -> int:
-    """A handle for the bound method ``step(params, grad_scale, found_inf)``, held weakly."""
+    """A handle for the bound method ``step(params, grad_scale, found_inf)``; its object is held
+    weakly, and the entry goes when the object does (``weakref.finalize``, safe at exit)."""
     handle = next(_handles)
-    _STEPS[handle] = weakref.WeakMethod(step, lambda _ref, h=handle: _STEPS.pop(h, None))
+    owner = step.__self__
+    _STEPS[handle] = (weakref.ref(owner), step.__func__)
+    weakref.finalize(owner, _STEPS.pop, handle, None)
     return handle
 
 
@@ -41,11 +44,11 @@ def plan_step(
     grad_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
 ) -> None:
-    ref = _STEPS.get(handle)
-    step = None if ref is None else ref()
-    if step is None:
+    owner_ref, step = _STEPS.get(handle, (None, None))
+    owner = None if owner_ref is None else owner_ref()
+    if owner is None:
         raise RuntimeError(f"zenith_fused::plan_step: the optimizer of handle {handle} no longer exists")
-    step(params, grad_scale, found_inf)
+    step(owner, params, grad_scale, found_inf)
 
 
 @plan_step.register_fake
