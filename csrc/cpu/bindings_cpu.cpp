@@ -85,7 +85,7 @@ void update_history(const at::Tensor& sq_norm_partials, at::TensorList history,
     const int64_t new_step = next_step(t);
     if (new_step <= warmup) {
       // Linear warmup: t / K, and the window and the maximum stay empty.
-      *h.lr_scale.mutable_data_ptr<float>() = static_cast<float>(new_step) / static_cast<float>(warmup);
+      *h.lr_scale.mutable_data_ptr<float>() = static_cast<float>(new_step) / static_cast<float>(std::max<int64_t>(warmup, 1));
     } else {
       window[window_slot(t - warmup, h.window_size)] = norm;
       // Unused slots still hold 0, so the sum over the whole ring is the sum of the last min(u, W).

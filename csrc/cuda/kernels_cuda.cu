@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kHistoryThreads)
     } else if (finite) {
       // Linear warmup: t / K; the window and the maximum stay empty.
       *h.step = new_step;
-      *h.lr_scale = __fdiv_rn(static_cast<float>(new_step), static_cast<float>(warmup));
+      *h.lr_scale = __fdiv_rn(static_cast<float>(new_step), static_cast<float>(warmup > 1 ? warmup : 1));
     } else {
       *h.skipped_steps += 1;
     }
