@@ -491,6 +491,8 @@ def test_text_corpus_messages(tmp_path):
     (["--window-size", "1.5"], "argument --window-size: expected an integer >= 1, got '1.5'"),
     (["--weight-decay", "-0.5"], "argument --weight-decay: expected a finite number >= 0, got '-0.5'"),
     (["--weight-decay=-1e-4"], "argument --weight-decay: expected a finite number >= 0, got '-1e-4'"),
+    (["--warmup-steps", "-1"], "argument --warmup-steps: expected an integer >= 0, got '-1'"),
+    (["--warmup-steps", "1.5"], "argument --warmup-steps: expected an integer >= 0, got '1.5'"),
     (["--backend", "nope", "--device", "cpu"], "--backend nope on cpu: Invalid backend: 'nope'"),
     (["--methods", "prodigy"], "--methods prodigy: not installed"),
     (["--dataset", "stdlib-text", "--epochs", "3"], "stdlib-text runs --steps"),
