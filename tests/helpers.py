@@ -55,8 +55,10 @@ def skip_if_unavailable(backend: str, device: str = "cpu") -> None:
         pytest.skip(reason)
 
 
-def fused_cases() -> list:
-    """(backend, device) pairs for every fused backend, skipped with the reason when it can't run."""
+def fused_cases(*, slow_on_interpreter: bool = False) -> list:
+    """(backend, device) pairs for every fused backend, skipped with the reason when it can't run;
+    with ``slow_on_interpreter`` the Triton-on-CPU case (the interpreter) carries the ``slow``
+    marker (``pytest -m "not slow"`` leaves it out; CI runs everything)."""
     cases = []
     for device in devices():
         for backend in FUSED_BACKENDS:
@@ -64,6 +66,8 @@ def fused_cases() -> list:
                 continue
             reason = backend_unavailable(backend, device)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
+            if slow_on_interpreter and backend == "triton" and device == "cpu":
+                marks.append(pytest.mark.slow)
             cases.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
     return cases
 
