@@ -46,9 +46,6 @@ import tempfile
 import traceback
 from pathlib import Path
 
-# The report compiles real kernels: the interpreter's stand-ins have nothing to compile.
-os.environ.pop("TRITON_INTERPRET", None)
-
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 VECTOR_DTYPES = ("float32", "bfloat16", "float16")
@@ -343,6 +340,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    # The report compiles real kernels: the interpreter's stand-ins have nothing to compile. Done
+    # here, not at import, so that a process importing this module for its helpers (bench/
+    # gpu_checks.py, the tests) keeps its own TRITON_INTERPRET.
+    os.environ.pop("TRITON_INTERPRET", None)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, required=True, help="compute capability, e.g. 80 or 90")
     ap.add_argument("--json", type=Path, help="write the rows here")

@@ -25,6 +25,9 @@ from zenith_fused._engines import resolve_backend
 #    history is the same on both sides the kernel tests compare in ulps exactly
 #    (``assert_within_ulps``): no allowance for cancellation is needed there.
 TOLERANCES = {
+    # float64: computed in float64; the only difference is lr_scale's last float32 bit (2**-24
+    #   relative, times lr * |d| of order 0.1), so 1e-7 holds with room after a resync.
+    torch.float64: (1e-7, 1e-7),
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2**-20, 2**-10),
     torch.bfloat16: (2**-20, 2**-7),
@@ -113,7 +116,9 @@ def assert_history_equal(opt, ref, *, skipped: bool = True) -> None:
     if skipped:
         assert a.skipped_steps.item() == b.skipped_steps.item()
     for name in ("grad_norm", "lr_scale", "window_max", "norm_window"):
-        torch.testing.assert_close(getattr(a, name).cpu(), getattr(b, name).cpu(), **HISTORY_TOL, msg=name)
+        # A skipped step's grad_norm is the non-finite norm itself: nan meets nan.
+        torch.testing.assert_close(getattr(a, name).cpu(), getattr(b, name).cpu(), **HISTORY_TOL, equal_nan=True,
+                                   msg=name)
 
 
 def assert_params_close(params, ref_params, opt, ref, dtype) -> None:
