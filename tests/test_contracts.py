@@ -10,7 +10,6 @@ import pytest
 import torch
 from helpers import assert_bit_identical, roundtrip, skip_if_unavailable, snapshot
 
-import zenith_fused.optimizer as optimizer_module
 from zenith_fused import ZenithFused
 
 CPU_BACKENDS = ["reference", "cpu", "triton"]

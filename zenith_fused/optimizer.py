@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from . import _distributed, _state, _traced
 from ._engines import BackendTable
-from ._plan import StepPlan, check_hyperparams, kernel_view, run_step
+from ._plan import StepPlan, check_hyperparams, run_step
 from .reference import StepInputs, ZenithHistory
 
 __all__ = ["ZenithFused"]

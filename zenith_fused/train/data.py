@@ -96,15 +96,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *,
     else:
         raise ValueError(f"Unknown dataset: {name!r}; expected one of {DATASETS}")
 
-    rng = np.random.default_rng(SPLIT_SEED)
-    if max_train is not None and len(y_train) > max_train:
-        keep = np.sort(rng.permutation(len(y_train))[:max_train])
-        x_train, y_train = x_train[keep], y_train[keep]
-    if max_test is not None and len(y_test) > max_test:
-        keep = np.sort(rng.permutation(len(y_test))[:max_test])
-        x_test, y_test = x_test[keep], y_test[keep]
-    n_val = max(1, int(round(VAL_FRACTION * len(y_train))))
-    x_train, y_train, x_val, y_val = _stratified_split(x_train, y_train, n_val)
+    x_train, y_train, x_val, y_val, x_test, y_test = fixed_split(x_train, y_train, x_test, y_test,
+                                                                 max_train, max_test)
 
     x_train = x_train.astype(np.float32)
     mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
@@ -122,6 +115,22 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *,
     return Splits(name=name, x_train=norm(x_train), y_train=labels(y_train), x_val=norm(x_val),
                   y_val=labels(y_val), x_test=norm(x_test), y_test=labels(y_test),
                   num_classes=NUM_CLASSES)
+
+
+def fixed_split(x_train, y_train, x_test, y_test, max_train: int | None, max_test: int | None) -> tuple:
+    """``(x_train, y_train, x_val, y_val, x_test, y_test)``: fixed subsets of at most ``max_train``
+    / ``max_test`` examples, then a stratified validation split held out of training; the same for
+    every seed of a run (``SPLIT_SEED``)."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    if max_train is not None and len(y_train) > max_train:
+        keep = np.sort(rng.permutation(len(y_train))[:max_train])
+        x_train, y_train = x_train[keep], y_train[keep]
+    if max_test is not None and len(y_test) > max_test:
+        keep = np.sort(rng.permutation(len(y_test))[:max_test])
+        x_test, y_test = x_test[keep], y_test[keep]
+    n_val = max(1, int(round(VAL_FRACTION * len(y_train))))
+    x_train, y_train, x_val, y_val = _stratified_split(x_train, y_train, n_val)
+    return x_train, y_train, x_val, y_val, x_test, y_test
 
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, n_held: int):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import NUM_CLASSES, SPLIT_SEED, VAL_FRACTION, Splits, _stratified_split
+from .data import NUM_CLASSES, Splits, fixed_split
 from .images import ImageTask
 
 __all__ = ["NUM_SAMPLES", "generation_args", "generate", "load_mnist1d", "Conv1dNet", "Mnist1dTask",
@@ -101,15 +101,8 @@ def load_mnist1d(data_dir: str | Path | None = None, *, num_samples: int = NUM_S
     arrays = generate(num_samples, data_dir, use_cache=use_cache)
     x_train, y_train = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
     x_test, y_test = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
-    rng = np.random.default_rng(SPLIT_SEED)
-    if max_train is not None and len(y_train) > max_train:
-        keep = np.sort(rng.permutation(len(y_train))[:max_train])
-        x_train, y_train = x_train[keep], y_train[keep]
-    if max_test is not None and len(y_test) > max_test:
-        keep = np.sort(rng.permutation(len(y_test))[:max_test])
-        x_test, y_test = x_test[keep], y_test[keep]
-    n_val = max(1, int(round(VAL_FRACTION * len(y_train))))
-    x_train, y_train, x_val, y_val = _stratified_split(x_train, y_train, n_val)
+    x_train, y_train, x_val, y_val, x_test, y_test = fixed_split(x_train, y_train, x_test, y_test,
+                                                                 max_train, max_test)
     mean, std = x_train.mean(), x_train.std() + 1e-6
 
     def signals(a: np.ndarray) -> Tensor:
