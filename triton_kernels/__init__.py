@@ -2,7 +2,8 @@
 
 One public launcher per kernel file; the step plan calls launchers, never ``@triton.jit`` code.
 The math each kernel implements is stated in its module docstring and lives in
-``zenith_fused/reference.py``. The tables the launchers walk are ``zenith_fused._table``'s.
+``zenith_fused/reference.py``. The tables the launchers walk are laid out as
+:mod:`zenith_fused.layout`, the package's public contract, says.
 
     sq_norm_partials(table, dtype, out)
     update_history(sq_norm_partials, history, grad_scale, found_inf, max_grad_norm)

@@ -227,7 +227,8 @@ def momentum_update(
 ) -> None:
     """Update every tensor of ``table`` in place (the formula is in this module's docstring).
 
-    ``table``: a ``zenith_fused._table.TensorTable`` (columns in :mod:`zenith_fused.layout`).
+    ``table``: the bucket's tensor table (``.tensors``, ``.chunks``, ``.num_chunks``, ``.chunk_size``,
+    ``.has_momentum``, ``.any_aligned``), its columns as :mod:`zenith_fused.layout` defines them.
     ``hyperparams`` ``[G, 6]`` and the scalars ``lr_ptrs`` point at are in the compute dtype of
     ``dtype`` (float64 for float64, else float32); ``lr_scale``, ``step``, ``step_applied`` and
     ``grad_multiplier`` are the history's 0-dim tensors, on the table's device.

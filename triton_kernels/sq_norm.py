@@ -95,7 +95,8 @@ def _sq_norm_partials_kernel(
 def sq_norm_partials(table, dtype: torch.dtype, out: Tensor) -> None:
     """Write ``out[c]`` = the squared L2 norm of chunk ``c`` of ``table``'s gradients.
 
-    ``table``: a ``zenith_fused._table.TensorTable`` (columns in :mod:`zenith_fused.layout`).
+    ``table``: the bucket's tensor table (``.tensors``, ``.chunks``, ``.num_chunks``, ``.chunk_size``,
+    ``.has_momentum``, ``.any_aligned``), its columns as :mod:`zenith_fused.layout` defines them.
     ``out`` is a contiguous float32 1-D tensor of ``table.num_chunks`` elements on the table's
     device. The formula is in this module's docstring; the math is ``zenith_fused/reference.py``'s.
     """
