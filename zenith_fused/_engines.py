@@ -124,6 +124,17 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype = 
     return ENGINES[backend].cannot_run(device, dtype)
 
 
+def auto_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, str | None]:
+    """``"auto"``'s choice for ``dtype`` tensors on ``device``, and, when that is the reference
+    although a fused backend covers the device type, why that one cannot run."""
+    reason = None
+    for candidate in AUTO_ORDER.get(device.type, ()):
+        reason = unavailable_reason(candidate, device, dtype)
+        if reason is None:
+            return candidate, None
+    return "reference", reason
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs ``dtype`` tensors on ``device``; raises RuntimeError if an explicit
     one can't.
@@ -133,15 +144,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     dtypes it declares. Everything else runs on the reference, with one warning per reason.
     """
     if backend == "auto":
-        reasons = []
-        for candidate in AUTO_ORDER.get(device.type, ()):
-            reason = unavailable_reason(candidate, device, dtype)
-            if reason is None:
-                return candidate
-            reasons.append(reason)
-        if reasons:  # a device type no fused backend covers (e.g. MPS) is the reference's by design
-            _warn_reference_fallback(device, dtype, reasons[-1])
-        return "reference"
+        name, reason = auto_backend(device, dtype)
+        if reason is not None:  # a device type no fused backend covers (e.g. MPS) is the reference's by design
+            _warn_reference_fallback(device, dtype, reason)
+        return name
     reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise RuntimeError(f"ZenithFused backend {backend!r} cannot run: {reason}")

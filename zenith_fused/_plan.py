@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _table
-from ._engines import AUTO_ORDER, ENGINES, BackendTable
+from ._engines import ENGINES, BackendTable, auto_backend
 from .layout import LR
 from .reference import GroupHyperparams, StepInputs, compute_dtype
 
@@ -299,7 +299,8 @@ class StepPlan:
         if history_buckets:
             self.history_engine = history_buckets[0].engine
         else:
-            self.history_engine = backends.engine(_history_backend(self.history_device))
+            # A rank without local gradients: "auto"'s fused choice for its device, no warning.
+            self.history_engine = backends.engine(auto_backend(self.history_device)[0])
         self.grad_refs = _weak_refs(grads, self.absent)
         # Buckets whose engine reads the gradients themselves, not the tables' addresses.
         self.untabled = [b for b in self.buckets if b.table is None]
@@ -492,15 +493,6 @@ def run_step(plan: StepPlan, history: Any, inputs: StepInputs, sharding: Any, gr
             bucket.engine.momentum_update(bucket, views[bucket.device])
     finally:
         plan.release_grads()
-
-
-def _history_backend(device: torch.device) -> str:
-    """The engine that folds the history when no bucket lives on its device (a rank without local
-    gradients): the first fused one that runs there, else the reference."""
-    for name in AUTO_ORDER.get(device.type, ()):
-        if ENGINES[name].cannot_run(device, torch.float32) is None:
-            return name
-    return "reference"
 
 
 def _history_device(buckets: list[BucketPlan], current: torch.device) -> torch.device:

@@ -142,11 +142,6 @@ def build_tensor_table(
     )
 
 
-def num_chunks(numels: Sequence[int], chunk_size: int) -> int:
-    """How many chunks (and squared-norm partials) a table of tensors of these sizes has."""
-    return sum(max(1, -(-n // chunk_size)) for n in numels)
-
-
 def hyperparam_table(
     rows: Sequence[Sequence[float]],
     dtype: torch.dtype,
